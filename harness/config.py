@@ -1,0 +1,102 @@
+"""Config dataclasses shared by every registry entry.
+
+Every model config subclasses :class:`ModelConfig`, so the backbone size fields (the fair-comparison
+rule of HARNESS.md: same d_model, n_layers, FFN width, heads within a table) exist for every model
+and a sweep can override any field by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar
+
+HeadKind = Literal["cls", "lm"]
+
+C = TypeVar("C", bound="ModelConfig")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone fields: embedding -> n_layers x block -> norm -> head."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ffn: int = 256  # 0 disables the FFN sub-block (models whose block has its own MLP)
+    head: HeadKind = "cls"  # "cls": mean-pooled sequence classification; "lm": causal LM
+    n_classes: int = 10
+    max_len: int = 1 << 17  # only used by models with absolute positions
+    dropout: float = 0.0
+
+    @property
+    def causal(self) -> bool:
+        """An LM head needs a causal mixer; classification uses the bidirectional one."""
+        return self.head == "lm"
+
+    def replace(self: C, **overrides: Any) -> C:
+        """A copy with fields overridden; unknown names raise one clear error."""
+        return apply_overrides(self, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_names(cfg: ModelConfig | type[ModelConfig]) -> list[str]:
+    return [f.name for f in fields(cfg)]
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Turn a CLI string into the type of the field's current value (bools accept on/off)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in {"1", "true", "on", "yes"}:
+            return True
+        if lowered in {"0", "false", "off", "no"}:
+            return False
+        raise ValueError(f"field {name!r}: expected on/off (or true/false), got {value!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"field {name!r}: expected an integer, got {value!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"field {name!r}: expected a number, got {value!r}") from None
+    return text
+
+
+def apply_overrides(cfg: C, overrides: dict[str, Any]) -> C:
+    """Return a copy of ``cfg`` with ``overrides`` applied, coercing strings to field types."""
+    known = {f.name: f for f in fields(cfg)}
+    updates: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"unknown config field {name!r} for {type(cfg).__name__}{hint} "
+                f"(fields: {', '.join(known)})"
+            )
+        updates[name] = _coerce(value, getattr(cfg, name), name)
+    new = dataclasses.replace(cfg, **updates)
+    validate = getattr(new, "validate", None)
+    if callable(validate):
+        validate()
+    return new
+
+
+def config_hash(payload: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able description of a cell (its unique key in the store)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

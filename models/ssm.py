@@ -1,0 +1,375 @@
+"""Structured memory layers: S4D (diagonal SSM) and Mega's multi-dimensional damped EMA.
+
+Layout: every layer takes and returns (B, L, D). Both memories are global convolutions whose
+kernel is built from a few parameters and applied with an FFT convolution; each has a sequential
+recurrence reference (``s4d_recurrence_ref``, ``ema_recurrence_ref``) used only by the tests.
+
+S4D follows state-spaces/s4 ``models/s4/s4d.py`` (kernel, init, ``register``) and
+``src/models/sequence/kernels/{ssm.py,fftconv.py}`` (inverse init, bidirectional kernel):
+
+    A = -exp(log_A_real) + i A_imag,  dt = exp(log_dt)           (N/2 complex modes per channel)
+    dA = exp(dt A),  dB = (exp(dt A) - 1) / A                     (ZOH, B fixed to 1)
+    K_l = 2 Re(sum_n C_n dB_n dA_n^l)                            (Vandermonde product)
+    y = K * u + D u                                              (FFT convolution of length 2L)
+
+Bidirectional S4D mirrors ``FFTConv``: the kernel has 2 channels that share dt and A and differ in
+C; the second is flipped and padded, ``k = pad(k0, (0, L)) + pad(k1.flip(-1), (L, 0))``. As the
+official code says, this puts k1_0 at lag -1 (an off-by-one kept on purpose): the anti-causal
+part is y_t += sum_{j>=1} k1_{j-1} u_{t+j}; lag 0 belongs to the causal kernel and D only.
+
+MultiHeadEMA follows facebookresearch/mega ``fairseq/modules/exponential_moving_average.py``:
+p = sigmoid(alpha), q = 1 - p sigmoid(delta), k_l = sum_n gamma_n sqrt(1/ndim) p_n beta_n q_n^l,
+output silu(EMA(x) + omega x) (the silu is applied inside the module, as in the original).
+Bidirectional (``shift=True``, Mega's default): lag 0 from the causal kernel only and
+y_t += sum_{j>=1} k2_j x_{t+j}; ``shift=False`` gives k2_{j-1} at lag -j, like S4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "S4DKernel",
+    "S4D",
+    "S4DOutput",
+    "MultiHeadEMA",
+    "build_memory",
+    "register_with_hint",
+    "s4d_recurrence_ref",
+    "ema_recurrence_ref",
+]
+
+
+def register_with_hint(
+    module: nn.Module, name: str, tensor: Tensor, lr: float | None, weight_decay: float | None = 0.0
+) -> None:
+    """Register ``tensor`` as a parameter carrying ``_optim`` hints (as s4d.py's ``register``).
+
+    ``lr == 0.0`` makes it a fixed buffer; ``lr=None`` inherits the global lr. The harness's
+    optimizer builder turns ``p._optim`` into parameter groups (the S4 training recipe: SSM
+    parameters get their own lr and no weight decay).
+    """
+    if lr == 0.0:
+        module.register_buffer(name, tensor)
+        return
+    module.register_parameter(name, nn.Parameter(tensor))
+    optim: dict[str, float] = {}
+    if weight_decay is not None:
+        optim["weight_decay"] = weight_decay
+    if lr is not None:
+        optim["lr"] = lr
+    getattr(module, name)._optim = optim
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    # FFTs run in at least float32 (bf16/fp16 FFT is inaccurate and often unsupported);
+    # float64 stays float64 so the tests can compare against the recurrence tightly.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    # Kernel generation (einsum -> bmm) would otherwise run in bf16/fp16 under CUDA autocast.
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
+    """Linear convolution via FFT of length ``n``: u (B, H, L), k (H, Lk) -> (B, H, L)."""
+    length = u.size(-1)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+    return y[..., :length]
+
+
+# ----------------------------------------------------------------------------------------- S4D
+
+
+class S4DKernel(nn.Module):
+    """Diagonal SSM convolution kernel; ``forward(L)`` returns (channels, H, L)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        channels: int = 1,
+        init: str = "lin",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        lr: float | None = 1e-3,
+    ) -> None:
+        super().__init__()
+        if d_state % 2:
+            raise ValueError(f"d_state must be even (N/2 complex modes are stored), got {d_state}")
+        h, n_half = d_model, d_state // 2
+        log_dt = torch.rand(h) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        # C is a plain parameter: s4d.py registers no hint for it, and the full SSMKernelDiag
+        # with the LRA configs' lr dict ({dt, A, B}) gives it an empty hint.
+        self.C = nn.Parameter(
+            torch.view_as_real(torch.randn(channels, h, n_half, dtype=torch.cfloat))
+        )
+        n = torch.arange(n_half, dtype=torch.float32).expand(h, n_half)
+        if init == "lin":  # S4D-Lin
+            a_imag = math.pi * n
+        elif init == "inv":  # S4D-Inv (dplr.py: N/pi * (N/(2n+1) - 1) with N = d_state)
+            a_imag = d_state / math.pi * (d_state / (2 * n + 1) - 1)
+        else:
+            raise ValueError(f"unknown S4D init {init!r}; known: 'lin', 'inv'")
+        self.register("log_dt", log_dt, lr)
+        self.register("log_A_real", torch.log(0.5 * torch.ones(h, n_half)), lr)
+        self.register("A_imag", a_imag.clone(), lr)
+
+    def register(self, name: str, tensor: Tensor, lr: float | None = None) -> None:
+        """Register with lr hint and zero weight decay (s4d.py's ``register``)."""
+        register_with_hint(self, name, tensor, lr)
+
+    def discretize(self) -> tuple[Tensor, Tensor, Tensor]:
+        """ZOH: returns dtA (H, N/2), dB (H, N/2) with B = 1, and C (channels, H, N/2)."""
+        dt = torch.exp(self.log_dt)
+        a = -torch.exp(self.log_A_real) + 1j * self.A_imag
+        dt_a = a * dt.unsqueeze(-1)
+        d_b = (torch.exp(dt_a) - 1.0) / a  # no extra dt factor: ZOH with B = 1
+        return dt_a, d_b, torch.view_as_complex(self.C)
+
+    def forward(self, length: int) -> Tensor:
+        dt_a, d_b, c = self.discretize()
+        # Vandermonde: exp(dtA * l) for all l at once; (H, N/2, L) complex, no loop over l.
+        vander = torch.exp(dt_a.unsqueeze(-1) * torch.arange(length, device=dt_a.device))
+        return 2 * torch.einsum("chn,hnl->chl", c * d_b, vander).real
+
+
+class S4D(nn.Module):
+    """S4D layer: y = K * u + D u on (B, L, H); returns the pure SSM output (no activation)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        bidirectional: bool = False,
+        init: str = "lin",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        lr: float | None = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
+        self.D = nn.Parameter(torch.randn(d_model))
+        # Bidirectional = 2 kernel channels sharing dt and A (FFTConv's ``channels *= 2``).
+        self.kernel = S4DKernel(
+            d_model, d_state, 2 if bidirectional else 1, init, dt_min, dt_max, lr
+        )
+
+    def conv_kernel(self, length: int) -> Tensor:
+        """Kernel laid out for a circular FFT of length 2L: (H, 2L) bidir, else (H, L)."""
+        k = self.kernel(length)
+        if not self.bidirectional:
+            return k[0]
+        return F.pad(k[0], (0, length)) + F.pad(k[1].flip(-1), (length, 0))
+
+    def forward(self, u: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """u: (B, L, H); padding_mask: (B, L) bool, True at pads (zeroed first, as Mega does)."""
+        if padding_mask is not None:
+            u = u.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        length = u.size(1)
+        x = u.transpose(1, 2).to(_work_dtype(u))  # (B, H, L)
+        with _no_autocast(x):
+            k = self.conv_kernel(length).to(x.dtype)
+            y = _fft_conv(x, k, 2 * length) + x * self.D.to(x.dtype).unsqueeze(-1)
+        return y.transpose(1, 2).to(u.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_state={self.d_state}, bidirectional={self.bidirectional}"
+
+
+class S4DOutput(nn.Module):
+    """The S4D baseline's pointwise tail: exact GELU, tied dropout, Conv1d(H -> 2H, k=1), GLU.
+
+    The Conv1d weights are kept (same state_dict as s4d.py) but applied as a linear map on the
+    channel-last layout, which is the same computation without two transposes.
+    """
+
+    def __init__(self, d_model: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.output_linear = nn.Conv1d(d_model, 2 * d_model, kernel_size=1)
+
+    def forward(self, y: Tensor) -> Tensor:
+        y = F.gelu(y)
+        if self.training and self.dropout > 0.0:
+            # DropoutNd in s4d.py: one mask per (batch, channel), tied across the sequence.
+            keep = torch.rand(y.size(0), 1, y.size(-1), device=y.device) >= self.dropout
+            y = y * keep.to(y.dtype) / (1.0 - self.dropout)
+        w = self.output_linear.weight.squeeze(-1)
+        return F.glu(F.linear(y, w, self.output_linear.bias), dim=-1)
+
+
+@torch.no_grad()
+def s4d_recurrence_ref(layer: S4D, u: Tensor) -> Tensor:
+    """Sequential reference for ``S4D.forward`` (tests only; float64 inside, loops over L).
+
+    Causal: x_t = dA x_{t-1} + dB u_t, y_t = 2 Re(C0 x_t) (s4's ``step``). Anti-causal, scanning
+    backwards, the output is read before u_t enters (the FFTConv off-by-one): y_t += 2 Re(C1 x).
+    """
+    dt_a, d_b, c = (t.to(torch.complex128) for t in layer.kernel.discretize())
+    d_a = torch.exp(dt_a)
+    u64 = u.to(torch.float64)
+    bsz, length, h = u64.shape
+    y = u64 * layer.D.to(torch.float64)
+    state = torch.zeros(bsz, h, d_a.size(-1), dtype=torch.complex128, device=u.device)
+    for t in range(length):
+        state = d_a * state + d_b * u64[:, t, :, None]
+        y[:, t] += 2 * (c[0] * state).sum(-1).real
+    if layer.bidirectional:
+        state = torch.zeros_like(state)
+        for t in reversed(range(length)):
+            y[:, t] += 2 * (c[1] * state).sum(-1).real
+            state = d_a * state + d_b * u64[:, t, :, None]
+    return y
+
+
+# ----------------------------------------------------------------------------------------- EMA
+
+
+class MultiHeadEMA(nn.Module):
+    """Mega's multi-dimensional damped EMA on (B, L, D); returns silu(EMA(x) + omega * x).
+
+    Parameter names and shapes equal the fairseq module's, so its state_dict loads directly.
+    Unlike the original, the kernel is never cached in eval mode (no hidden state to go stale).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        ndim: int = 16,
+        bidirectional: bool = False,
+        shift: bool = True,
+        truncation: int | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = 0.0,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.ndim, self.bidirectional = d_model, ndim, bidirectional
+        self.shift, self.truncation = shift, truncation
+        self.scale = math.sqrt(1.0 / ndim)
+        kernel_dim = 2 * d_model if bidirectional else d_model
+        # Hints: the harness keeps these out of weight decay (Mega itself decayed every param).
+        for name, shape in (
+            ("alpha", (kernel_dim, ndim, 1)),
+            ("delta", (kernel_dim, ndim, 1)),
+            ("beta", (kernel_dim, ndim, 1)),
+            ("gamma", (kernel_dim, ndim)),
+        ):
+            register_with_hint(self, name, torch.empty(shape), lr, weight_decay)
+        self.omega = nn.Parameter(torch.empty(d_model))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.alpha, mean=0.0, std=0.2)
+        nn.init.normal_(self.delta, mean=0.0, std=0.2)
+        # beta = N(0, 0.02) + [1, -1, 1, -1, ...] ("seems more stable" per the original).
+        sign = torch.ones(self.ndim, 1)
+        sign[1::2] = -1.0
+        self.beta.normal_(mean=0.0, std=0.02).add_(sign)
+        nn.init.normal_(self.gamma, mean=0.0, std=1.0)
+        nn.init.normal_(self.omega, mean=0.0, std=1.0)
+
+    def coeffs(self) -> tuple[Tensor, Tensor]:
+        """p = sigmoid(alpha), q = 1 - p * sigmoid(delta); each (kernel_dim, ndim, 1)."""
+        p = torch.sigmoid(self.alpha)
+        return p, 1.0 - p * torch.sigmoid(self.delta)
+
+    def kernel_size(self, length: int) -> int:
+        """Lk = min(truncation, L) when truncation >= 1, else L."""
+        if self.truncation is not None and self.truncation >= 1:
+            return min(self.truncation, length)
+        return length
+
+    def kernel(self, length: int) -> Tensor:
+        """(kernel_dim, Lk): k_l = sum_n gamma_n scale p_n beta_n q_n^l for l < Lk."""
+        length = self.kernel_size(length)
+        p, q = self.coeffs()
+        vander = torch.arange(length, device=p.device).to(p).view(1, 1, length) * torch.log(q)
+        k = (p * self.beta) * torch.exp(vander)
+        return torch.einsum("dnl,dn->dl", k, self.gamma * self.scale)
+
+    def conv_kernel(self, length: int) -> Tensor:
+        """Kernel laid out for a circular FFT of length L + Lk (fairseq's ``forward``)."""
+        k = self.kernel(length)
+        if not self.bidirectional:
+            return k
+        k1, k2 = torch.split(k, [self.d_model, self.d_model], dim=0)
+        if self.shift:  # drop k2_0: lag 0 is the causal kernel's alone
+            return F.pad(k1, (0, length)) + F.pad(k2[:, 1:].flip(-1), (length + 1, 0))
+        return F.pad(k1, (0, length)) + F.pad(k2.flip(-1), (length, 0))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D); padding_mask: (B, L) bool, True at pads (fairseq convention)."""
+        length = x.size(1)
+        xw = x.to(_work_dtype(x))  # sum and silu in >= float32, cast back at the end
+        residual = xw * self.omega.to(xw.dtype)  # taken before masking, as in the original
+        if padding_mask is not None:
+            xw = xw.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        with _no_autocast(xw):
+            k = self.conv_kernel(length).to(xw.dtype)
+            out = _fft_conv(xw.transpose(1, 2), k, length + self.kernel_size(length))
+        return F.silu(out.transpose(1, 2) + residual).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, ndim={self.ndim}, bidirectional={self.bidirectional}, "
+            f"shift={self.shift}, truncation={self.truncation}"
+        )
+
+
+@torch.no_grad()
+def ema_recurrence_ref(
+    layer: MultiHeadEMA, x: Tensor, padding_mask: Tensor | None = None
+) -> Tensor:
+    """Sequential reference for ``MultiHeadEMA.forward`` (tests only; float64, no truncation).
+
+    h_t = q h_{t-1} + p beta x_t, y_t = sum_n gamma_n scale h_t (fairseq's ``one_step``).
+    Anti-causal: with h the backward state before x_t enters, shift=True adds gamma.(q h)
+    (k2_j at lag -j, j >= 1) and shift=False adds gamma.h (k2_{j-1} at lag -j).
+    """
+    if layer.truncation is not None and layer.truncation >= 1:
+        raise ValueError("the recurrence has no truncated form")
+    p, q = (t.squeeze(-1).to(torch.float64) for t in layer.coeffs())
+    b_in = p * layer.beta.squeeze(-1).to(torch.float64)
+    c_out = layer.gamma.to(torch.float64) * layer.scale
+    x64 = x.to(torch.float64)
+    residual = x64 * layer.omega.to(torch.float64)
+    if padding_mask is not None:
+        x64 = x64.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+    bsz, length, d = x64.shape
+    y = torch.zeros_like(x64)
+    state = x64.new_zeros(bsz, d, layer.ndim)
+    for t in range(length):
+        state = q[:d] * state + b_in[:d] * x64[:, t, :, None]
+        y[:, t] = (c_out[:d] * state).sum(-1)
+    if layer.bidirectional:
+        state = torch.zeros_like(state)
+        for t in reversed(range(length)):
+            read = q[d:] * state if layer.shift else state
+            y[:, t] += (c_out[d:] * read).sum(-1)
+            state = q[d:] * state + b_in[d:] * x64[:, t, :, None]
+    return F.silu(y + residual)
+
+
+# ------------------------------------------------------------------------------------- factory
+
+MEMORY_KINDS = ("s4d", "ema")
+
+
+def build_memory(kind: str, d_model: int, bidirectional: bool = False, **kw: object) -> nn.Module:
+    """Build the structured memory of a LongVQ layer: ``"s4d"`` -> S4D, ``"ema"`` -> MultiHeadEMA.
+
+    Both map (B, L, D) -> (B, L, D). Note the outputs differ as the originals do: S4D returns
+    K*u + D u (no activation); the EMA returns silu(EMA(x) + omega x) as Mega's module does.
+    """
+    if kind == "s4d":
+        return S4D(d_model, bidirectional=bidirectional, **kw)  # type: ignore[arg-type]
+    if kind == "ema":
+        return MultiHeadEMA(d_model, bidirectional=bidirectional, **kw)  # type: ignore[arg-type]
+    raise ValueError(f"unknown memory kind {kind!r}; known: {', '.join(MEMORY_KINDS)}")

@@ -1,0 +1,250 @@
+"""Vector quantiser for LongVQ / Transformer-VQ keys: nearest code, straight-through, EMA k-means.
+
+    codes      = argmin_s ||k - c_s||^2          via ||k||^2 - 2 k.c + ||c||^2 (no B*L*S*D tensor)
+    k_hat      = k + sg(c_codes - k)             forward value c, gradient dk_hat/dk = identity
+    commit     = beta * mean_{b,h,l} ||k - sg(k_hat)||^2
+
+Codebook learning is EMA k-means, not gradient descent (the codebook is a buffer), as in
+lucidrains/vector-quantize-pytorch ``EuclideanCodebook``:
+
+    n_s  <- decay n_s  + (1 - decay) #{keys assigned to s}         (``cluster_size``)
+    m_s  <- decay m_s  + (1 - decay) sum{keys assigned to s}       (``embed_sum``)
+    c_s   = m_s / ((n_s + eps) / (N + S eps) * N),  N = sum_s n_s   (Laplace-smoothed counts)
+
+then, optionally, codes whose EMA count fell below ``dead_code_threshold`` are restarted on
+random keys of the batch (count reset to the threshold). Choices of ours, documented:
+
+- ``cluster_size`` starts at 1 and ``embed_sum`` at the initial codebook (Transformer-VQ's
+  ``c_count = ones``), so c = m / n holds from step 0 and an unused code decays smoothly instead
+  of being divided by a near-zero count.
+- The commitment loss averages ||k - c||^2 over (batch, head, position); Transformer-VQ sums
+  over heads instead (a factor ``heads``) -- fold that into ``commitment`` if matching it.
+- No all-reduce: under data parallelism each replica updates its own codebook.
+- Distances and EMA run in float32 with autocast disabled, so bf16 autocast is safe.
+- The forward returns the codebook it quantised with (``VQOutput.codebook``): the in-place EMA
+  update happens after quantising, and VQ-attention must use the same codes as ``k_hat``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["VQOutput", "VectorQuantizer", "code_stats"]
+
+
+@dataclass
+class VQOutput:
+    k_hat: Tensor  # (B, H, L, dim), dtype of k; straight-through
+    codes: Tensor  # (B, H, L) int64
+    commit_loss: Tensor  # scalar float32, beta already applied
+    codebook: Tensor  # (H, S, dim) float32, the codebook these codes index
+    utilisation: float  # fraction of codes hit in this batch, averaged over heads
+    perplexity: float  # exp(entropy of this batch's code histogram), averaged over heads
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def code_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Utilisation and perplexity from per-head code counts (H, S); both averaged over heads."""
+    counts = counts.float()
+    utilisation = (counts > 0).float().mean(-1)
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # 0 log 0 = 0
+    return utilisation.mean(), torch.exp(entropy).mean()
+
+
+class VectorQuantizer(nn.Module):
+    """Per-head codebooks of shape (heads, codebook_size, dim), learnt by EMA k-means.
+
+    Args:
+        dim: key width. codebook_size: S. heads: independent codebooks, one per key head.
+        decay, eps: EMA decay and Laplace smoothing constant.
+        commitment: beta of the commitment loss.
+        dead_code_threshold: restart codes whose EMA count is below this (None: never).
+        init_scale: codebook init is ``init_scale * randn``.
+        init_from_batch: if True, the first training forward replaces the codebook by distinct
+            random keys of that batch (k-means-style data init); a buffer remembers it was done.
+        seed: seeds the random codebook init (None: torch's default generator).
+        distance_chunk: positions per chunk for the distance/argmin (None: all at once); bounds
+            the (B, H, chunk, S) distance tensor.
+        compute_stats: compute utilisation/perplexity as Python floats (one device sync).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        heads: int = 1,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment: float = 1e-3,
+        dead_code_threshold: float | None = None,
+        init_scale: float = 1.0,
+        init_from_batch: bool = False,
+        seed: int | None = None,
+        distance_chunk: int | None = None,
+        compute_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim, self.codebook_size, self.heads = dim, codebook_size, heads
+        self.decay, self.eps, self.commitment = decay, eps, commitment
+        self.dead_code_threshold = dead_code_threshold
+        self.init_from_batch = init_from_batch
+        self.distance_chunk = distance_chunk
+        self.compute_stats = compute_stats
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        codebook = init_scale * torch.randn(heads, codebook_size, dim, generator=gen)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("cluster_size", torch.ones(heads, codebook_size))
+        self.register_buffer("embed_sum", codebook.clone())
+        self.register_buffer("initialised", torch.tensor(not init_from_batch))
+        self.last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ lookup
+    def distances(self, k: Tensor) -> Tensor:
+        """Squared L2 distances (B, H, L, S) in float32: ||k||^2 - 2 k.c + ||c||^2."""
+        with torch.autocast(device_type=k.device.type, enabled=False):
+            kf, cb = k.float(), self.codebook.float()
+            cross = torch.einsum("bhld,hsd->bhls", kf, cb)
+            k2 = kf.pow(2).sum(-1, keepdim=True)
+            c2 = cb.pow(2).sum(-1)[None, :, None, :]
+            return k2 - 2.0 * cross + c2
+
+    def nearest(self, k: Tensor) -> Tensor:
+        """Codes (B, H, L) int64 of the nearest codeword, chunked over L."""
+        chunk = self.distance_chunk or k.size(2)
+        parts = [self.distances(kc).argmin(-1) for kc in k.detach().split(chunk, dim=2)]
+        return torch.cat(parts, dim=2)
+
+    def lookup(self, codes: Tensor, codebook: Tensor | None = None) -> Tensor:
+        """Codewords (B, H, L, dim) of ``codes`` (B, H, L)."""
+        cb = self.codebook if codebook is None else codebook
+        head = torch.arange(cb.size(0), device=codes.device).view(1, -1, 1)
+        return cb[head, codes]
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        k: Tensor,
+        mask: Tensor | None = None,
+        update: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> VQOutput:
+        """Quantise keys k: (B, H, L, dim).
+
+        mask: (B, L) bool, True at real tokens; pads are excluded from the loss, the stats and
+        the EMA update (their codes are still returned). update: run the EMA step; defaults to
+        ``self.training and torch.is_grad_enabled()``. generator: for restarts/batch init (must
+        live on k's device; None: torch's default generator).
+        """
+        bsz, heads, length, dim = k.shape
+        if heads != self.heads or dim != self.dim:
+            raise ValueError(
+                f"expected (B, {self.heads}, L, {self.dim}) keys, got {tuple(k.shape)}"
+            )
+        if update is None:
+            update = self.training and torch.is_grad_enabled()
+        valid = (
+            torch.ones(bsz, length, dtype=torch.bool, device=k.device)
+            if mask is None
+            else mask.to(device=k.device, dtype=torch.bool)
+        )
+        # Keys for the EMA and sampling: float32, no graph, (H, B*L, dim) / weights (B*L,).
+        flat = k.detach().float().transpose(0, 1).reshape(heads, bsz * length, dim)
+        weights = valid.reshape(-1).float()
+        if update and self.init_from_batch and not bool(self.initialised):
+            self._init_from(flat, weights, generator)
+
+        codebook = self.codebook.float()
+        codes = self.nearest(k)
+        c = self.lookup(codes, codebook)
+        k_hat = k + (c.to(k.dtype) - k).detach()
+
+        err = (k.float() - c).pow(2).sum(-1)  # (B, H, L); sg(k_hat) == c
+        denom = (weights.sum() * heads).clamp_min(1.0)
+        commit_loss = self.commitment * (err * valid[:, None, :]).sum() / denom
+
+        flat_codes = codes.transpose(0, 1).reshape(heads, -1)
+        counts = torch.zeros(heads, self.codebook_size, device=k.device)
+        counts.scatter_add_(1, flat_codes, weights.expand(heads, -1).contiguous())
+        if update:
+            codebook = codebook.clone()  # the returned snapshot must survive the update
+            self._ema_update(flat, flat_codes, weights, counts, generator)
+
+        stats: dict[str, float] = {}
+        utilisation = perplexity = math.nan
+        if self.compute_stats:
+            util_t, ppl_t = code_stats(counts)
+            utilisation, perplexity = float(util_t), float(ppl_t)
+            stats = {"utilisation": utilisation, "perplexity": perplexity}
+            self.last_stats = dict(stats)
+        return VQOutput(k_hat, codes, commit_loss, codebook, utilisation, perplexity, stats)
+
+    # ------------------------------------------------------------------------------ update
+    def _sample_keys(
+        self, flat: Tensor, weights: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """(H, S, dim) random valid keys per head, distinct when the batch has >= S keys.
+
+        Random scores + top-k instead of ``nonzero``/``randperm`` keeps it free of host syncs;
+        pads get score -1 so they are taken only when there are fewer than S real keys.
+        """
+        heads, n, _ = flat.shape
+        if n >= self.codebook_size:
+            scores = torch.rand(heads, n, device=flat.device, generator=generator)
+            scores = torch.where(weights > 0, scores, torch.full_like(scores, -1.0))
+            idx = scores.topk(self.codebook_size, dim=1).indices
+        else:
+            probs = weights.clamp_min(1e-12).expand(heads, -1)
+            idx = torch.multinomial(probs, self.codebook_size, True, generator=generator)
+        return torch.gather(flat, 1, idx.unsqueeze(-1).expand(-1, -1, flat.size(-1)))
+
+    @torch.no_grad()
+    def _init_from(self, flat: Tensor, weights: Tensor, generator: torch.Generator | None) -> None:
+        sampled = self._sample_keys(flat, weights, generator)
+        self.codebook.copy_(sampled)
+        self.cluster_size.fill_(1.0)
+        self.embed_sum.copy_(sampled)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(
+        self,
+        flat: Tensor,
+        flat_codes: Tensor,
+        weights: Tensor,
+        counts: Tensor,
+        generator: torch.Generator | None,
+    ) -> None:
+        # Per-code sums of assigned keys by scatter-add (no one-hot (N, S) matrix).
+        sums = torch.zeros(self.heads, self.codebook_size, self.dim, device=flat.device)
+        index = flat_codes.unsqueeze(-1).expand(-1, -1, self.dim)
+        sums.scatter_add_(1, index, flat * weights[None, :, None])
+
+        cluster_size = self.cluster_size.float().lerp(counts, 1.0 - self.decay)
+        embed_sum = self.embed_sum.float().lerp(sums, 1.0 - self.decay)
+        total = cluster_size.sum(-1, keepdim=True)
+        smoothed = (cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+        codebook = embed_sum / smoothed.unsqueeze(-1)
+
+        if self.dead_code_threshold is not None:
+            dead = cluster_size < self.dead_code_threshold  # (H, S)
+            sampled = self._sample_keys(flat, weights, generator)
+            reset = float(self.dead_code_threshold)
+            codebook = torch.where(dead[..., None], sampled, codebook)
+            embed_sum = torch.where(dead[..., None], sampled * reset, embed_sum)
+            cluster_size = torch.where(dead, torch.full_like(cluster_size, reset), cluster_size)
+
+        self.cluster_size.copy_(cluster_size)
+        self.embed_sum.copy_(embed_sum)
+        self.codebook.copy_(codebook)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, codebook_size={self.codebook_size}, heads={self.heads}, "
+            f"decay={self.decay}, commitment={self.commitment}, "
+            f"dead_code_threshold={self.dead_code_threshold}"
+        )

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the registry's entries, tiny configs, CUDA skip marker."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler chatter in the CPU memory probe
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from harness.registry import REGISTRY  # noqa: E402
+
+# Small enough that every entry builds, steps and measures in well under a second on CPU.
+TINY_BACKBONE = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "n_classes": 5}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def registry_entries():
+    return REGISTRY.entries()
+
+
+def entry_modes(entry) -> list[str]:
+    """Heads an entry supports: ``cls`` when bidirectional, ``lm`` when causal."""
+    return [h for h, ok in (("cls", entry.bidirectional), ("lm", entry.causal)) if ok]
+
+
+def entry_head_params():
+    return [
+        pytest.param(entry, head, id=f"{entry.name}-{head}")
+        for entry in registry_entries()
+        for head in entry_modes(entry)
+    ]

@@ -1,0 +1,187 @@
+"""VectorQuantizer: straight-through, nearest code, EMA k-means, restarts, stats, commit loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.vq import VectorQuantizer, code_stats
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    print(f"{name:>12} rel err {err:.3e} (tol {tol:.0e})")
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+
+
+def _set_codebook(vq: VectorQuantizer, codebook: torch.Tensor) -> None:
+    vq.codebook.copy_(codebook)
+    vq.embed_sum.copy_(codebook)
+    vq.cluster_size.fill_(1.0)
+
+
+def test_straight_through_gradient_is_identity() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 16, heads=2).train()
+    k = torch.randn(3, 2, 10, 8, requires_grad=True)
+    out = vq(k)
+    grad = torch.randn_like(out.k_hat)
+    out.k_hat.backward(grad)
+    assert torch.equal(k.grad, grad)
+    assert_close("k_hat=c", vq.lookup(out.codes, out.codebook), out.k_hat.detach(), 1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_codes_are_cdist_argmin(chunk: int | None) -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(6, 32, heads=3, distance_chunk=chunk).eval()
+    k = torch.randn(2, 3, 25, 6)
+    out = vq(k)
+    for h in range(3):
+        dist = torch.cdist(k[:, h].double(), vq.codebook[h].double())  # (B, L, S)
+        assert torch.equal(out.codes[:, h], dist.argmin(-1))
+        assert_close("dist", dist.pow(2), vq.distances(k)[:, h].double(), 1e-5)
+    assert out.codes.dtype == torch.int64 and out.codes.shape == (2, 3, 25)
+
+
+def test_ema_update_exact_and_moves_codes_toward_means() -> None:
+    torch.manual_seed(0)
+    heads, size, dim, decay, eps = 2, 8, 4, 0.9, 1e-5
+    vq = VectorQuantizer(dim, size, heads=heads, decay=decay, eps=eps).train()
+    k = torch.randn(4, heads, 30, dim)
+    old = vq.codebook.clone()
+    out = vq(k)
+    flat = k.transpose(0, 1).reshape(heads, -1, dim)
+    codes = out.codes.transpose(0, 1).reshape(heads, -1)
+    onehot = torch.nn.functional.one_hot(codes, size).float()  # (H, N, S)
+    counts, sums = onehot.sum(1), torch.einsum("hns,hnd->hsd", onehot, flat)
+    n_ema = decay * 1.0 + (1 - decay) * counts
+    m_ema = decay * old + (1 - decay) * sums
+    total = n_ema.sum(-1, keepdim=True)
+    expected = m_ema / ((n_ema + eps) / (total + size * eps) * total)[..., None]
+    assert_close("cluster", n_ema, vq.cluster_size, 1e-6)
+    assert_close("codebook", expected, vq.codebook, 1e-5)
+    assert torch.equal(out.codebook, old)  # the snapshot is the codebook used to quantise
+    used = counts > 0
+    means = sums / counts.clamp_min(1)[..., None]
+    before = (old - means).norm(dim=-1)[used]
+    after = (vq.codebook - means).norm(dim=-1)[used]
+    assert used.sum() > 4 and (after < before).all()
+
+
+def test_codebook_unchanged_without_update() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 8)
+    k = torch.randn(2, 1, 9, 4)
+    state = {n: b.clone() for n, b in vq.named_buffers()}
+    vq.eval()(k)
+    vq.train()
+    with torch.no_grad():
+        vq(k)  # training mode, but no grad: not a training step
+    vq(k, update=False)
+    for name, buf in vq.named_buffers():
+        assert torch.equal(buf, state[name]), name
+    vq.eval()(k, update=True)  # explicit flag wins
+    assert not torch.equal(vq.codebook, state["codebook"])
+
+
+def test_stats_hand_made() -> None:
+    vq = VectorQuantizer(2, 4).eval()
+    _set_codebook(vq, torch.tensor([[[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]]))
+    k = vq.codebook[0, [0, 0, 1, 1]].view(1, 1, 4, 2)  # codes [0, 0, 1, 1]
+    out = vq(k)
+    assert out.codes.view(-1).tolist() == [0, 0, 1, 1]
+    assert out.utilisation == pytest.approx(0.5) and out.perplexity == pytest.approx(2.0)
+    assert vq.last_stats == {"utilisation": out.utilisation, "perplexity": out.perplexity}
+    util, ppl = code_stats(torch.tensor([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+    assert util.item() == pytest.approx(0.75) and ppl.item() == pytest.approx(3.0)
+    # a mask drops the pads from the histogram: only code 0 is left
+    masked = vq(k, mask=torch.tensor([[True, True, False, False]]))
+    assert masked.utilisation == pytest.approx(0.25) and masked.perplexity == pytest.approx(1.0)
+
+
+def test_commit_loss_value_and_mask() -> None:
+    torch.manual_seed(0)
+    beta = 0.25
+    vq = VectorQuantizer(5, 6, heads=2, commitment=beta).eval()
+    k = torch.randn(3, 2, 7, 5, requires_grad=True)
+    out = vq(k)
+    c = vq.lookup(out.codes)
+    expected = beta * (k.detach() - c).pow(2).sum(-1).mean()
+    assert_close("commit", expected, out.commit_loss.detach(), 1e-6)
+    out.commit_loss.backward()
+    assert_close("d commit", 2 * beta * (k.detach() - c) / (3 * 2 * 7), k.grad, 1e-5)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 3:] = False
+    masked = vq(k, mask=mask)
+    err = (k.detach() - c).pow(2).sum(-1)  # (B, H, L)
+    expected_masked = beta * err[mask[:, None, :].expand_as(err)].mean()
+    assert_close("commit mask", expected_masked, masked.commit_loss.detach(), 1e-6)
+
+
+def test_dead_code_restart() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(2, 3, decay=0.5, dead_code_threshold=0.75).train()
+    far = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1e3, 1e3]]])  # code 2 is never chosen
+    _set_codebook(vq, far)
+    k = 0.1 * torch.randn(2, 1, 16, 2)
+    k[:, :, 8:] += 1.0  # half the keys near code 0, half near code 1
+    out = vq(k, generator=torch.Generator().manual_seed(1))
+    assert (out.codes != 2).all() and set(out.codes.unique().tolist()) == {0, 1}
+    restarted = vq.codebook[0, 2]
+    keys = k.reshape(-1, 2)
+    assert (keys - restarted).abs().sum(-1).min() == 0  # it is one of the batch keys
+    assert vq.cluster_size[0, 2].item() == pytest.approx(0.75)
+    assert torch.equal(vq.embed_sum[0, 2], restarted * 0.75)
+    assert (vq.cluster_size[0, :2] >= 0.75).all()  # live codes were not touched
+    # same generator seed, same restart
+    vq2 = VectorQuantizer(2, 3, decay=0.5, dead_code_threshold=0.75).train()
+    _set_codebook(vq2, far)
+    vq2(k, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(vq.codebook, vq2.codebook)
+
+
+def test_init_from_batch_and_seed() -> None:
+    torch.manual_seed(0)
+    assert torch.equal(
+        VectorQuantizer(4, 8, seed=3).codebook, VectorQuantizer(4, 8, seed=3).codebook
+    )
+    assert not torch.equal(
+        VectorQuantizer(4, 8, seed=3).codebook, VectorQuantizer(4, 8, seed=4).codebook
+    )
+    vq = VectorQuantizer(4, 8, heads=2, init_from_batch=True).train()
+    assert not bool(vq.initialised)
+    k = torch.randn(2, 2, 12, 4)
+    vq(k, update=False)  # no training step, no init
+    assert not bool(vq.initialised)
+    out = vq(k)
+    assert bool(vq.initialised)
+    for h in range(2):
+        keys = k[:, h].reshape(-1, 4)
+        match = torch.cdist(out.codebook[h], keys).min(-1).values
+        assert (match < 1e-6).all() and torch.unique(out.codebook[h], dim=0).size(0) == 8
+    frozen = vq.codebook.clone()
+    vq.eval()(torch.randn(2, 2, 12, 4))
+    assert torch.equal(vq.codebook, frozen)
+
+
+def test_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 16, heads=2).train()
+    k = torch.randn(2, 2, 20, 8).bfloat16().requires_grad_()
+    ref_codes = vq.eval()(k.detach().float()).codes
+    vq.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vq(k)
+    assert out.k_hat.dtype == torch.bfloat16 and torch.equal(out.codes, ref_codes)
+    assert vq.codebook.dtype == torch.float32 and torch.isfinite(vq.codebook).all()
+    assert out.commit_loss.dtype == torch.float32 and math.isfinite(out.perplexity)
+    (out.k_hat.float().sum() + out.commit_loss).backward()
+    assert k.grad is not None and torch.isfinite(k.grad).all()
+
+
+def test_shape_check() -> None:
+    with pytest.raises(ValueError):
+        VectorQuantizer(4, 8, heads=2)(torch.randn(1, 1, 3, 4))
