@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from harness.cpu_alloc import tune_glibc_malloc
 from harness.provenance import REPO_ROOT
 from harness.registry import REGISTRY, RegistryError
 
@@ -367,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_glibc_malloc()
     # rich wraps at 80 columns when stdout is not a terminal (CI logs, pipes): tables need more
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:

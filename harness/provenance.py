@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from harness.cpu_alloc import malloc_tuned
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,6 +47,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
         "git_commit": git_commit(),
+        "glibc_malloc_tuned": malloc_tuned(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":

@@ -9,7 +9,10 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler chatter in the 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from harness.cpu_alloc import tune_glibc_malloc  # noqa: E402
 from harness.registry import REGISTRY  # noqa: E402
+
+tune_glibc_malloc()  # the same allocator settings as the CLI (see harness/cpu_alloc.py)
 
 # Small enough that every entry builds, steps and measures in well under a second on CPU.
 TINY_BACKBONE = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "n_classes": 5}
