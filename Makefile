@@ -22,11 +22,11 @@ demo: setup
 	$(BIN)/python run_bench.py report
 
 test: setup
-	$(BIN)/ruff check .
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check .
+	$(BIN)/python -m ruff check .
 
 clean:
 	rm -rf $(VENV) results/quick results/bench.db*

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -16,7 +17,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """HEAD's hash, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """HEAD's hash, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git.
+
+    ``LONGVQ_GIT_COMMIT`` overrides it, for copies of a checkout without ``.git`` (remote GPUs).
+    """
+    if os.environ.get("LONGVQ_GIT_COMMIT"):
+        return os.environ["LONGVQ_GIT_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
