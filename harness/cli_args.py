@@ -1,0 +1,69 @@
+"""Shared command-line pieces: the one-line error parser and value parsers.
+
+Every parse error names the bad value; the CLI prints it as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from harness.provenance import REPO_ROOT
+
+DEFAULT_STORE = REPO_ROOT / "results" / "bench.db"
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names it."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line (plus a pointer to --help) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# -- value parsers (each error names the bad value) ---------------------------------------------
+def parse_int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part.lower().replace("k", "")) * (1024 if part.lower().endswith("k") else 1)
+        except ValueError:
+            raise UsageError(f"{flag}: {part!r} is not an integer") from None
+        if value < minimum:
+            raise UsageError(f"{flag}: {value} must be >= {minimum}")
+        values.append(value)
+    if not values:
+        raise UsageError(f"{flag}: expected a comma-separated list, got {text!r}")
+    return values
+
+
+def parse_assignments(items: Sequence[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"{flag}: expected field=value, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return requested

@@ -1,0 +1,41 @@
+"""`report`: REPORT.md from the store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from harness.cli_args import (
+    UsageError,
+)
+from harness.provenance import REPO_ROOT
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from harness.report import build_report
+    from harness.store import Store
+
+    path = Path(args.store)
+    if "://" not in str(args.store) and not path.exists():
+        raise UsageError(f"--store {str(path)!r} does not exist; run `efficiency` first")
+    store = Store(args.store)
+    report = build_report(store, Path(args.out))
+    console.print(f"wrote {report}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p_rep = sub.add_parser(
+        "report",
+        parents=[common],
+        help="write results/REPORT.md",
+        description="Build REPORT.md (tables, ratios, plots, provenance) from the store.",
+    )
+    p_rep.add_argument(
+        "--out",
+        default=str(REPO_ROOT / "results"),
+        help="folder for REPORT.md and plots/ (default: results/)",
+    )
+    p_rep.set_defaults(func=run)
