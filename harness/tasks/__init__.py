@@ -1,0 +1,109 @@
+"""Tasks: offline data for training and evaluation (no downloads at run time).
+
+A task module in this package defines a :class:`Task` subclass and registers a factory with
+``@register_task("name")``. The factory takes a :class:`TaskConfig` and returns the task.
+
+Contract (what harness/train.py relies on):
+- ``task.head`` is ``"cls"`` (one label per sequence: targets (B,)) or ``"lm"`` (a target per
+  position: targets (B, L), ``IGNORE_INDEX`` where nothing is predicted — MQAR, selective copy,
+  byte LM). Models are built with this head.
+- ``task.vocab_size`` tokens in [0, vocab_size); ``task.n_classes`` labels for ``cls`` heads
+  (for ``lm`` heads the model predicts over the vocabulary).
+- ``task.batches(split, batch_size, seed)`` yields (tokens LongTensor (B, L), targets) forever
+  for ``train`` and once over a fixed set for ``val``/``test``; the same seed gives the same data.
+- Sequences of one batch have the same length L <= ``config.seq_len``; the token
+  ``task.pad_id`` (if not None) pads shorter sequences.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class TaskConfig:
+    """Common task knobs; task-specific options go in ``options`` (e.g. n_pairs for MQAR)."""
+
+    seq_len: int = 512
+    n_train: int = 10_000  # examples in the train split (generated tasks: per epoch)
+    n_val: int = 500
+    n_test: int = 500
+    data_dir: str | None = None  # official release files (LRA TSVs, IMDB bytes), when given
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    name: str = ""
+    head: str = "cls"
+    vocab_size: int = 256
+    n_classes: int = 2
+    pad_id: int | None = None
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+
+    def batches(self, split: str, batch_size: int, seed: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the store records about the task (name, head, sizes, options)."""
+        return {"task": self.name, "task_head": self.head, "task_vocab": self.vocab_size,
+                "task_classes": self.n_classes, "task_seq_len": self.config.seq_len,
+                **{f"task_{k}": v for k, v in self.config.options.items()}}
+
+
+TaskFactory = Callable[[TaskConfig], Task]
+
+
+class TaskRegistry:
+    def __init__(self) -> None:
+        self._factories: dict[str, TaskFactory] = {}
+        self._discovered = False
+
+    def register(self, name: str) -> Callable[[TaskFactory], TaskFactory]:
+        def decorator(factory: TaskFactory) -> TaskFactory:
+            if name in self._factories and self._factories[name] is not factory:
+                raise KeyError(f"task name {name!r} is registered twice")
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        for info in pkgutil.iter_modules(__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+
+    def names(self) -> list[str]:
+        self.discover()
+        return sorted(self._factories)
+
+    def build(self, name: str, config: TaskConfig) -> Task:
+        self.discover()
+        if name not in self._factories:
+            close = difflib.get_close_matches(name, list(self._factories), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown task {name!r}.{hint} Known: "
+                             f"{', '.join(sorted(self._factories))}")
+        return self._factories[name](config)
+
+
+TASKS = TaskRegistry()
+
+
+def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+    return TASKS.register(name)
