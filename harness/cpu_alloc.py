@@ -43,3 +43,13 @@ def tune_glibc_malloc() -> bool:
 
 def malloc_tuned() -> bool:
     return os.environ.get(ENV_FLAG) == "1"
+
+
+def release_free_heap() -> None:
+    """Return free heap pages to the kernel (``malloc_trim(0)``) so RSS reflects live memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return

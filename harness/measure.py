@@ -8,8 +8,9 @@ Peak memory is *allocated* memory, not reserved:
 - CUDA: ``synchronize(); reset_peak_memory_stats()`` before the timed steps,
   ``max_memory_allocated()`` after them.
 - CPU (torch keeps no allocator statistics there): the bytes of every tensor alive before the
-  step (parameters, gradients, optimizer state, batch) plus the peak of the running sum of the
-  allocations/frees the profiler records during one extra, untimed step.
+  step (parameters, optimizer state, batch) plus the growth of the process's resident set
+  during one extra, untimed step (after returning free heap pages to the kernel). This counts
+  allocator pages rather than tensor bytes, so it is an upper estimate of the same quantity.
 
 Each cell ends ``ok``, ``oom`` (CUDA OOM, Triton out of resources, CPU allocation failure),
 ``diverged`` (non-finite loss) or ``error`` (any other exception, message kept).
@@ -20,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 
 from harness.backbone import task_loss
+from harness.cpu_alloc import release_free_heap
 from harness.optim import build_optimizer
 from harness.registry import Entry
 
@@ -93,28 +97,44 @@ def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; elsewhere the monotone ru_maxrss)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _cpu_step_peak_bytes(step) -> int:
-    """Peak of cumulative allocations minus frees during one call of ``step`` (CPU)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Growth of the resident set during one call of ``step`` (CPU), sampled every ~0.5 ms.
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    Free heap pages are returned to the kernel first (``malloc_trim``), so every page the step
+    allocates shows up as new resident memory; with the heap tuning of harness/cpu_alloc.py the
+    heap does not shrink during the step, so the last sample is close to the peak even for
+    short-lived temporaries. (An exact count through torch.profiler's allocation events was
+    tried first: it needs GBs for op-heavy models such as the sequential Mamba reference.)
+    """
+    release_free_heap()
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
         step()
-    events: list[tuple[int, int]] = []
-
-    def walk(node: Any) -> None:
-        if "Allocation" in str(node.tag):
-            events.append((node.start_time_ns, int(node.extra_fields.alloc_size)))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    events.sort()
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - base
 
 
 def measure(entry: Entry, model_config: Any, cell: EfficiencyCell) -> CellOutcome:
@@ -201,7 +221,7 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
         "tokens_per_s": cell.batch * cell.seq_len / (ms_median / 1e3),
         "peak_mem_mib": peak_bytes / 2**20,
         "peak_mem_method": "cuda max_memory_allocated" if device.type == "cuda"
-        else "cpu resident tensors + profiler allocation peak",
+        else "cpu resident tensors + resident-set growth during one step",
         "final_loss": float(losses[-1].item()) if losses else float("nan"),
         "optimizer_groups": groups,
     }

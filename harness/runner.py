@@ -69,7 +69,10 @@ def plan_cells(
     device_label = provenance(torch.device(device))["device"]
     planned: list[PlannedCell] = []
     for entry in entries:
-        model_config = entry.make_config(**overrides_for(entry, overrides))
+        entry_overrides = overrides_for(entry, overrides)
+        if not entry.bidirectional and "head" not in overrides:
+            entry_overrides["head"] = "lm"  # causal-only models are measured with their LM head
+        model_config = entry.make_config(**entry_overrides)
         for seq_len in lengths:
             for batch in batches:
                 cell = EfficiencyCell(entry.name, seq_len, batch, device, dtype, warmup, steps,
