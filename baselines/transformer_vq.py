@@ -34,6 +34,7 @@ class TransformerVQConfig(ModelConfig):
     commitment: float = 1e-3
     vq_decay: float = 0.99
     attn_impl: str = "linear"  # linear | naive
+    key_grad: str = "ste"  # ste (every query) | window (Lingle's: only the exact local blocks)
 
     def validate(self) -> None:
         if self.d_model % self.n_heads:
@@ -42,6 +43,8 @@ class TransformerVQConfig(ModelConfig):
             raise ValueError(f"attn_fn={self.attn_fn!r}; choose softmax or laplace")
         if self.attn_impl not in ("linear", "naive"):
             raise ValueError(f"attn_impl={self.attn_impl!r}; choose linear or naive")
+        if self.key_grad not in ("ste", "window"):
+            raise ValueError(f"key_grad={self.key_grad!r}; choose ste or window")
 
 
 class VQSelfAttention(nn.Module):
@@ -67,7 +70,8 @@ class VQSelfAttention(nn.Module):
         quantized = self.quantizer(k)
         o = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
                          self.rel_bias, attn_fn=self.cfg.attn_fn, causal=self.cfg.causal,
-                         window=self.cfg.window, impl=self.cfg.attn_impl)
+                         window=self.cfg.window, impl=self.cfg.attn_impl,
+                         key_grad=self.cfg.key_grad)
         self.aux_loss = quantized.commit_loss
         self.last_stats = {"codebook_utilisation": quantized.utilisation,
                            "codebook_perplexity": quantized.perplexity}

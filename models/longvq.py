@@ -27,6 +27,8 @@ gate" ablation, since both gates are computed from the SSM output).
 
 ``attn_impl`` picks the VQ attention op: ``linear`` (default, O(L·(S+W)·D), custom backward with
 full straight-through key gradients) or ``naive`` (materialises the L×L matrix: the oracle).
+``key_grad``: ``ste`` (default, dK = dK̂ from every query) or ``window`` (Transformer-VQ's
+semantics: keys get gradient only from the queries of their exact local blocks).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from models.vq_attention import vq_attention, vq_attention_naive
 ATTN_FNS = ("softmax", "laplace")
 MEMORIES = ("s4d", "ema")
 ATTN_IMPLS = ("linear", "naive")
+KEY_GRADS = ("ste", "window")
 
 
 @dataclass
@@ -67,11 +70,13 @@ class LongVQConfig(ModelConfig):
     vq_decay: float = 0.99  # EMA k-means decay
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this (0: never)
     attn_impl: str = "linear"  # linear | naive
+    key_grad: str = "ste"  # ste (every query) | window (only the exact local blocks)
 
     def validate(self) -> None:
         for name, value, allowed in (("attn_fn", self.attn_fn, ATTN_FNS),
                                      ("ssm", self.ssm, MEMORIES),
-                                     ("attn_impl", self.attn_impl, ATTN_IMPLS)):
+                                     ("attn_impl", self.attn_impl, ATTN_IMPLS),
+                                     ("key_grad", self.key_grad, KEY_GRADS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
         for name in ("z_dim", "codebook_size", "window"):
@@ -144,7 +149,7 @@ class LongVQLayer(nn.Module):
             quantized = self.quantizer(k)
             out = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
                                self.rel_bias, attn_fn=cfg.attn_fn, causal=cfg.causal,
-                               window=cfg.window, impl=cfg.attn_impl)
+                               window=cfg.window, impl=cfg.attn_impl, key_grad=cfg.key_grad)
             self.aux_loss = quantized.commit_loss
             self.last_stats = {"codebook_utilisation": quantized.utilisation,
                                "codebook_perplexity": quantized.perplexity}

@@ -33,11 +33,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     device = resolve_device(args.device)
     if args.attn_fn not in ("softmax", "laplace"):
         raise UsageError(f"--attn-fn: {args.attn_fn!r}; choose softmax or laplace")
+    if args.value_dim < 0:
+        raise UsageError(f"--value-dim: {args.value_dim} must be >= 0 (0: same as --dim)")
     shape = OpShape(
         batch=args.batch,
         heads=args.heads,
         dim=args.dim,
-        value_dim=args.dim,
+        value_dim=args.value_dim or args.dim,
         codebook_size=args.codebook_size,
         window=args.window,
         attn_fn=args.attn_fn,
@@ -123,7 +125,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_ker.add_argument("--lengths", default="2k,4k,8k,16k", help="sequence lengths (1k = 1024)")
     p_ker.add_argument("--batch", type=int, default=1, help="batch size (1)")
     p_ker.add_argument("--heads", type=int, default=1, help="heads (1: LongVQ is single-head)")
-    p_ker.add_argument("--dim", type=int, default=64, help="head dim of q/k and v (64)")
+    p_ker.add_argument("--dim", type=int, default=64, help="head dim of q/k (and of v) (64)")
+    p_ker.add_argument(
+        "--value-dim", type=int, default=0, help="head dim of v (0: same as --dim)"
+    )
     p_ker.add_argument("--codebook-size", type=int, default=256, help="codes S (256)")
     p_ker.add_argument("--window", type=int, default=128, help="local window W (128)")
     p_ker.add_argument("--attn-fn", default="softmax", help="softmax or laplace")

@@ -24,10 +24,13 @@ def vq_attention(
     causal: bool,
     window: int,
     impl: str = "linear",
+    key_grad: str = "ste",
 ) -> Tensor:
-    """Dispatch to ``vq_attention_linear`` (default) or ``vq_attention_naive``."""
+    """Dispatch to ``vq_attention_linear`` (default) or ``vq_attention_naive``. key_grad: "ste"
+    (straight-through gradient to every key) or "window" (only from the exact local blocks)."""
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r}; known: {', '.join(_IMPLS)}")
     return _IMPLS[impl](
-        q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn, causal=causal, window=window
+        q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn, causal=causal, window=window,
+        key_grad=key_grad,
     )

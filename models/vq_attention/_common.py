@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 ATTN_FNS = ("softmax", "laplace")
+KEY_GRADS = ("ste", "window")  # straight-through to every key | only from the exact local blocks
 
 # Mega's Laplace attention function: a Gaussian CDF with these moments.
 LAPLACE_MU = math.sqrt(0.5)
@@ -58,9 +59,12 @@ def check_inputs(
     bias: Tensor | None,
     attn_fn: str,
     window: int,
+    key_grad: str = "ste",
 ) -> None:
     if attn_fn not in ATTN_FNS:
         raise ValueError(f"attn_fn={attn_fn!r}; known: {', '.join(ATTN_FNS)}")
+    if key_grad not in KEY_GRADS:
+        raise ValueError(f"key_grad={key_grad!r}; known: {', '.join(KEY_GRADS)}")
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if q.dim() != 4 or k_hat.shape != q.shape:

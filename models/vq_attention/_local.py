@@ -67,6 +67,17 @@ def block_context(x: Tensor, causal: bool) -> Tensor:
     return torch.cat(parts, dim=3)
 
 
+def block_context_adjoint(x: Tensor, causal: bool) -> Tensor:
+    """Adjoint of ``block_context``: (B, H, N, kW, E) -> (B, H, N, W, E), each block's slots in
+    the contexts of blocks n+1 (as "n-1"), n (and n-1, as "n+1") summed."""
+    w = x.shape[3] // (2 if causal else 3)
+    out = x[:, :, :, w : 2 * w].clone()
+    out[:, :, :-1].add_(x[:, :, 1:, :w])
+    if not causal:
+        out[:, :, 1:].add_(x[:, :, :-1, 2 * w :])
+    return out
+
+
 def local_logits(
     q_blocks: Tensor,
     k_blocks: Tensor,

@@ -16,20 +16,29 @@ covers most of a row, e.g. NaN at b = -20 in float32, so every term here stays p
 Softmax divides by the same sums with v -> 1, stabilised by a per-query max over the code part
 (log-weights s_i q_i . c_s + log n_s, -inf for absent codes) and the local logits; lse is saved.
 
-Gradients are straight-through (K_hat = STVQ(K; C)): the backward returns dL/dk_hat_j for EVERY
-key, exactly what autograd gives on the naive path, and None for codebook and codes (the codebook
-is trained by EMA k-means, not by this loss). With g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j -
-delta_i) (softmax: P' = P = exp(logit - lse), delta_i = dO_i . O_i; laplace: P = phi, P' = phi',
-no delta) and w_is the code-part P' of code s for query i, the code part is
+Gradients (key_grad="ste", default) are straight-through (K_hat = STVQ(K; C)): the backward
+returns dL/dk_hat_j for EVERY key, exactly what autograd gives on the naive path, and None for
+codebook and codes (the codebook is trained by EMA k-means, not by this loss). With g_ij =
+dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i) (softmax: P' = P = exp(logit - lse), delta_i = dO_i .
+O_i; laplace: P = phi, P' = phi', no delta) and w_is the code-part P' of code s for query i, the
+code part is
 
   dq_i = s_i sum_s w_is (dO_i . U_s - delta_i n_s) c_s
-  dk_j = M_{s_j} v_j - R_{s_j},   M_s = sum_i s_i w_is q_i dO_i^T,  R_s = sum_i s_i w_is delta_i q_i
+  dk_j = sum_{i reads j through codes} s_i w_{i, s_j} (dO_i . v_j - delta_i) q_i   (``_key_grad``:
+         per-code D x Dv states, O(L S D Dv), or dense tiles, O(L^2 (D + Dv)) and no L x L
+         tensor, whichever is cheaper at this L: dense below L ~ 10-30K)
   dv_j = sum_i P_{i, s_j} dO_i
 
-with U, n summed over the keys query i reads through codes, and M, R, the dv sums over the
-queries that read key j through its code (the adjoint: suffix/prefix sums over blocks). The local
-part is differentiated exactly on its small dense recomputation (``_local.local_grads``); the
-bias gradient comes from it alone.
+with U, n summed over the keys query i reads through codes, and the dv sums over the queries that
+read key j through its code (the adjoint: suffix/prefix sums over blocks). The local part is
+differentiated exactly on its small dense recomputation (``_local.local_grads``); the bias
+gradient comes from it alone.
+
+key_grad="window" (Transformer-VQ's semantics: its aggregated cache scores queries against the
+codebook, so cached keys get no gradient): keys get gradient only from the queries of their exact
+local region -- query block n, key blocks n-1, n (and n+1 when bidirectional) -- and far queries
+see sg(K_hat). The code-part dk above is dropped; bidirectional without bias then still computes
+the local blocks exactly (mode "far" with zero bias), so that region is the same in every case.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from ._common import (
     logit_scale,
     no_autocast,
 )
+from ._key_grad import KEY_GRAD_STRATEGIES, code_key_grad
 from ._local import (
     Blocks,
     LocalMasks,
@@ -61,12 +71,6 @@ from ._local import (
     to_blocks,
 )
 
-# Key-gradient chunks (``_key_grad_states``): at most STATE_ELEMS elements of per-block
-# D x Dv states (~1 GiB in float32) and SCAN_BLOCKS blocks (or W, if larger: the in-chunk
-# suffix sum is a (c x c) matmul, so c <= W keeps it cheaper than building the states).
-STATE_ELEMS = 2**28
-SCAN_BLOCKS = 32
-
 
 @dataclass
 class _Problem:
@@ -77,20 +81,22 @@ class _Problem:
     v: Tensor  # (B, H, P, Dv)
     codebook: Tensor  # (H, S, D)
     one_hot: Tensor  # (B, H, P, S), zero rows at padded keys
+    codes: Tensor  # (B, H, P) int64, 0 at padded keys
     bias: Tensor | None  # (2W - 1,)
     scale: Tensor  # (P,), s_i
     in_range: Tensor  # (P,) bool, position < L
     attn_fn: str
+    key_grad: str  # "ste" | "window"
     blocks: Blocks
     masks: LocalMasks
 
     @property
     def mode(self) -> str:
         """Which keys the codes cover: "past" (causal: key blocks <= n - 2), "far" (bidirectional
-        with bias: blocks <= n - 2 and >= n + 2), "all" (bidirectional without bias)."""
+        with bias, or key_grad="window": blocks <= n - 2 and >= n + 2), "all" (otherwise)."""
         if self.blocks.causal:
             return "past"
-        return "far" if self.bias is not None else "all"
+        return "far" if self.bias is not None or self.key_grad == "window" else "all"
 
     @property
     def has_local(self) -> bool:
@@ -105,7 +111,7 @@ class _Problem:
         return x.reshape(*x.shape[:2], groups, x.shape[2] // groups, x.shape[-1])
 
 
-def _prepare(q, k_hat, v, codebook, codes, bias, attn_fn, causal, window) -> _Problem:
+def _prepare(q, k_hat, v, codebook, codes, bias, attn_fn, key_grad, causal, window) -> _Problem:
     dtype = compute_dtype(q)
     length, dim = q.shape[-2], q.shape[-1]
     blocks = Blocks(length, window, -(-length // window), causal)
@@ -115,7 +121,8 @@ def _prepare(q, k_hat, v, codebook, codes, bias, attn_fn, causal, window) -> _Pr
         return F.pad(x.to(dtype), (0, 0, 0, pad))
 
     size = codebook.shape[1]
-    one_hot = F.one_hot(F.pad(codes, (0, pad)), size).to(dtype)
+    codes = F.pad(codes, (0, pad))
+    one_hot = F.one_hot(codes, size).to(dtype)
     in_range = torch.arange(blocks.padded, device=q.device) < length
     one_hot = one_hot * in_range[:, None]
     return _Problem(
@@ -124,10 +131,12 @@ def _prepare(q, k_hat, v, codebook, codes, bias, attn_fn, causal, window) -> _Pr
         v=padded(v),
         codebook=codebook.to(dtype).expand(q.shape[1], -1, -1),
         one_hot=one_hot,
+        codes=codes,
         bias=None if bias is None else bias.to(dtype),
         scale=logit_scale(attn_fn, causal, length, blocks.padded, dim, dtype, q.device),
         in_range=in_range,
         attn_fn=attn_fn,
+        key_grad=key_grad,
         blocks=blocks,
         masks=local_masks(blocks, q.device),
     )
@@ -144,21 +153,36 @@ def _shift_groups(x: Tensor, shift: int) -> Tensor:
     return torch.cat([x[:, :, -shift:], zero], dim=2)
 
 
+def _cumsum_groups(x: Tensor, reverse: bool = False) -> Tensor:
+    """Inclusive prefix (reverse: suffix) sums over dim 2. On CPU, torch.cumsum over a middle dim
+    (and flip) is several times slower than adding the group slices in place (``add_``: ``x[g] +=``
+    would also copy each slice back)."""
+    if x.device.type != "cpu":
+        return x.flip(2).cumsum(2).flip(2) if reverse else x.cumsum(2)
+    out = x.clone()
+    groups = out.shape[2]
+    for g in range(groups - 2, -1, -1) if reverse else range(1, groups):
+        out[:, :, g].add_(out[:, :, g + 1 if reverse else g - 1])
+    return out
+
+
 def _read_cache(per_group: Tensor, mode: str) -> Tensor:
     """Sums over the key groups that each query group reads through codes (see ``mode``)."""
     if mode == "all":
         return per_group
-    before = _shift_groups(per_group.cumsum(2), 2)  # groups <= n - 2
+    before = _shift_groups(_cumsum_groups(per_group), 2)  # groups <= n - 2
     if mode == "past":
         return before
-    return before + _shift_groups(per_group.flip(2).cumsum(2).flip(2), -2)  # and >= n + 2
+    return before + _shift_groups(_cumsum_groups(per_group, reverse=True), -2)  # and >= n + 2
 
 
 def _write_cache(per_group: Tensor, mode: str) -> Tensor:
     """Adjoint of ``_read_cache``: sums over the query groups that read each key group."""
     if mode == "far":  # symmetric
         return _read_cache(per_group, mode)
-    return per_group if mode == "all" else _shift_groups(per_group.flip(2).cumsum(2).flip(2), -2)
+    if mode == "all":
+        return per_group
+    return _shift_groups(_cumsum_groups(per_group, reverse=True), -2)
 
 
 def _code_part(p: _Problem) -> tuple[Tensor, Tensor, Tensor]:
@@ -168,69 +192,6 @@ def _code_part(p: _Problem) -> tuple[Tensor, Tensor, Tensor]:
     counts = _read_cache(one_hot.sum(dim=3), p.mode)
     logits = torch.einsum("bhld,hsd->bhls", p.q, p.codebook) * p.scale[:, None]
     return p.code_groups(logits), sums, counts
-
-
-def _scatter(x: Tensor, by: Tensor) -> Tensor:
-    """(..., W, S) x (..., W, E) -> (..., W, S*E): each row of x put in the slots of ``by``."""
-    return (by.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
-
-
-def _states(weights: Tensor, q: Tensor, grad_out: Tensor) -> Tensor:
-    """M_s = sum_i weights_is q_i dO_i^T over the rows (dim -2) as (..., S*Dv, D)."""
-    return _scatter(grad_out, weights).transpose(-1, -2) @ q
-
-
-def _apply(state: Tensor, v: Tensor, one_hot: Tensor) -> Tensor:
-    """Per key (row), M_{s_j} v_j = sum_{s, e} [s_j = s] v_je M_s: (..., rows, D)."""
-    return _scatter(v, one_hot) @ state
-
-
-def _suffix_scan(weights, q, grad_out, v, one_hot, chunk: int) -> Tensor:
-    """Block views (B, H, N, W, .) in; M_{s_j} v_j summed over query blocks >= m + 2 out.
-
-    Reverse scan over chunks of query blocks, last first, carrying the state of all later blocks;
-    inside a chunk the suffix sums are a (c x c) triangular matmul (CPU cumsum over a middle dim
-    is slow).
-    """
-    count = q.shape[2]
-    out = torch.zeros_like(q)
-    carry = None
-    for end in range(count, 0, -chunk):
-        span = slice(max(0, end - chunk), end)
-        per = _states(weights[:, :, span], q[:, :, span], grad_out[:, :, span])
-        upper = torch.ones(per.shape[2], per.shape[2], dtype=per.dtype, device=per.device).triu()
-        suffix = (upper @ per.flatten(3)).view_as(per)  # over query blocks >= n, in chunk
-        if carry is not None:
-            suffix = suffix + carry
-        carry = suffix[:, :, :1]
-        keys = slice(max(0, span.start - 2), span.stop - 2)  # key block m is read by m + 2 on
-        if keys.stop > keys.start:
-            state = suffix[:, :, keys.start + 2 - span.start :]
-            out[:, :, keys] = _apply(state, v[:, :, keys], one_hot[:, :, keys])
-    return out
-
-
-def _key_grad_states(
-    weights: Tensor, q: Tensor, grad_out: Tensor, v: Tensor, one_hot: Tensor, p: _Problem
-) -> Tensor:
-    """M_{s_j} v_j per key, (B, H, P, D), M_s summed over the queries that read key j through
-    its code. Flat (B, H, P, .) tensors in; stored as (S*Dv, D) matrices so both contractions are
-    bmm. Runs over chunks of c blocks to bound memory: c * W * S * Dv scattered rows and c
-    per-block states (N * S * D * Dv in all would be too much for long L)."""
-    blocks = p.blocks
-    per_block = q.shape[0] * q.shape[1] * weights.shape[-1] * q.shape[-1] * v.shape[-1]
-    limit = max(1, STATE_ELEMS // per_block)
-    chunk = min(blocks.count, limit, max(SCAN_BLOCKS, blocks.window))
-    if p.mode == "all":  # one total state, summed over row chunks, then applied chunk by chunk
-        rows = chunk * blocks.window
-        spans = [slice(start, start + rows) for start in range(0, blocks.padded, rows)]
-        total = sum(_states(weights[:, :, s], q[:, :, s], grad_out[:, :, s]) for s in spans)
-        return torch.cat([_apply(total, v[:, :, s], one_hot[:, :, s]) for s in spans], dim=2)
-    tensors = [to_blocks(x, blocks) for x in (weights, q, grad_out, v, one_hot)]
-    out = _suffix_scan(*tensors, chunk)  # readers n >= m + 2
-    if p.mode == "far":  # and n <= m - 2: the same scan on the blocks in reverse order
-        out = out + _suffix_scan(*(x.flip(2) for x in tensors), chunk).flip(2)
-    return out.flatten(2, 3)
 
 
 def _forward(p: _Problem) -> tuple[Tensor, Tensor | None]:
@@ -273,7 +234,7 @@ def _forward(p: _Problem) -> tuple[Tensor, Tensor | None]:
     return num / den[..., None], row_max + den.log()
 
 
-def _backward(p: _Problem, out: Tensor, lse: Tensor | None, grad_out: Tensor):
+def _backward(p: _Problem, out: Tensor, lse: Tensor | None, grad_out: Tensor, strategy: str):
     """dq, dk_hat, dv (B, H, P, .) and dbias, all in the compute dtype."""
     code_logits, sums, counts = _code_part(p)
     present = (counts > 0).unsqueeze(3)
@@ -289,7 +250,7 @@ def _backward(p: _Problem, out: Tensor, lse: Tensor | None, grad_out: Tensor):
         weights = torch.where(valid, laplace(code_logits), 0.0)
         weights_grad = torch.where(valid, laplace_grad(code_logits), 0.0)
 
-    do_g, q_g = p.code_groups(grad_out), p.code_groups(p.q)
+    do_g = p.code_groups(grad_out)
     one_hot = p.code_groups(p.one_hot)
     scale_g = p.code_groups(p.scale)
     # dq_i = s_i sum_s w_is (dO_i . U_s - delta_i n_s) c_s
@@ -297,19 +258,24 @@ def _backward(p: _Problem, out: Tensor, lse: Tensor | None, grad_out: Tensor):
     if delta is not None:
         coeff = coeff - p.code_groups(delta[..., None]) * counts.unsqueeze(3)
     dq = torch.einsum("bhgts,hsd->bhgtd", weights_grad * coeff, p.codebook) * scale_g
-    # dk_j = M_{s_j} v_j - R_{s_j}: per-code D x Dv sums over the queries that read key j
-    weights_scaled = weights_grad * scale_g
-    flat = (weights_scaled.flatten(2, 3), p.q, grad_out, p.v, p.one_hot)
-    dk = _key_grad_states(*flat, p).view_as(q_g)
-    if delta is not None:
-        weighted = weights_scaled * p.code_groups(delta[..., None])
-        offset = _write_cache(torch.einsum("bhgts,bhgtd->bhgsd", weighted, q_g), mode)
-        dk = dk - torch.einsum("bhgts,bhgsd->bhgtd", one_hot, offset)
     # dv_j = sum_i P_{i, s_j} dO_i
     value_grad = _write_cache(torch.einsum("bhgts,bhgte->bhgse", weights, do_g), mode)
     dv = torch.einsum("bhgts,bhgse->bhgte", one_hot, value_grad)
+    dq, dv = dq.flatten(2, 3), dv.flatten(2, 3)
+    # dk_j = sum_{i reads j through codes} s_i w_{i, s_j} (dO_i . v_j - delta_i) q_i; the
+    # present mask (zero weight on codes a query reads nowhere) only matters for laplace
+    if p.key_grad == "ste":
+        weights_scaled = torch.where(present, weights_grad * scale_g, 0.0).flatten(2, 3)
+        do_ext, v_ext = grad_out, p.v
+        if delta is not None:  # fold -delta_i into dO_i . v_j: dO' = [dO, -delta], v' = [v, 1]
+            do_ext = torch.cat([grad_out, -delta[..., None]], dim=-1)
+            v_ext = torch.cat([p.v, torch.ones_like(p.v[..., :1])], dim=-1)
+        dk = code_key_grad(
+            weights_scaled, p.q, do_ext, v_ext, p.codes, mode, p.blocks, strategy
+        )
+    else:  # "window": far queries see sg(K_hat)
+        dk = torch.zeros_like(p.q)
 
-    dq, dk, dv = (x.flatten(2, 3) for x in (dq, dk, dv))
     dbias = None
     if p.has_local:
         local = local_grads(
@@ -322,13 +288,14 @@ def _backward(p: _Problem, out: Tensor, lse: Tensor | None, grad_out: Tensor):
 
 class _VQAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_hat, v, codebook, codes, bias, attn_fn, causal, window):
+    def forward(ctx, q, k_hat, v, codebook, codes, bias, options):
+        attn_fn, key_grad, causal, window, strategy = options
         with no_autocast(q):
-            p = _prepare(q, k_hat, v, codebook, codes, bias, attn_fn, causal, window)
+            p = _prepare(q, k_hat, v, codebook, codes, bias, attn_fn, key_grad, causal, window)
             out, lse = _forward(p)
         out = out[:, :, : q.shape[2]]
         ctx.save_for_backward(q, k_hat, v, codebook, codes, bias, out, lse)
-        ctx.options = (attn_fn, causal, window)
+        ctx.options = options
         return out.to(q.dtype)
 
     @staticmethod
@@ -336,19 +303,19 @@ class _VQAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k_hat, v, codebook, codes, bias, out, lse = ctx.saved_tensors
         with no_autocast(q):
-            p = _prepare(q, k_hat, v, codebook, codes, bias, *ctx.options)
+            p = _prepare(q, k_hat, v, codebook, codes, bias, *ctx.options[:4])
             length = q.shape[2]
             pad = p.blocks.padded - length
             grad_out = F.pad(grad_out.to(p.q.dtype), (0, 0, 0, pad))
             out = F.pad(out, (0, 0, 0, pad))
-            dq, dk, dv, dbias = _backward(p, out, lse, grad_out)
+            dq, dk, dv, dbias = _backward(p, out, lse, grad_out, ctx.options[4])
         dq, dk, dv = (
             x[:, :, :length].to(ref.dtype)
             for x, ref in zip((dq, dk, dv), (q, k_hat, v), strict=True)
         )
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
-        return dq, dk, dv, None, None, dbias, None, None, None
+        return dq, dk, dv, None, None, dbias, None
 
 
 def vq_attention_linear(
@@ -362,9 +329,19 @@ def vq_attention_linear(
     attn_fn: str,
     causal: bool,
     window: int,
+    key_grad: str = "ste",
+    key_grad_strategy: str = "auto",
 ) -> Tensor:
     """q, k_hat: (B, H, L, D) with k_hat == codebook[h, codes] in value; v: (B, H, L, Dv);
     codebook: (H or 1, S, D); codes: (B, H, L) int64; bias: (2W-1,) or None. Returns (B, H, L, Dv)
-    in q's dtype. Gradients flow to q, k_hat (straight-through, every key), v and bias."""
-    check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window)
-    return _VQAttention.apply(q, k_hat, v, codebook, codes, bias, attn_fn, causal, window)
+    in q's dtype. Gradients flow to q, k_hat (key_grad="ste": straight-through, every key;
+    "window": only from the exact local blocks), v and bias. key_grad_strategy picks how the far
+    keys' gradient is computed ("codes" | "dense" | "auto": the cheaper, see ``_key_grad``); all
+    give the same values."""
+    check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
+    if key_grad_strategy not in KEY_GRAD_STRATEGIES:
+        raise ValueError(
+            f"key_grad_strategy={key_grad_strategy!r}; known: {', '.join(KEY_GRAD_STRATEGIES)}"
+        )
+    options = (attn_fn, key_grad, causal, window, key_grad_strategy)
+    return _VQAttention.apply(q, k_hat, v, codebook, codes, bias, options)

@@ -6,10 +6,16 @@
              (unnormalised; phi(x) = 0.5 (1 + erf((x - mu) / (sigma sqrt 2))))
     causal: only j <= i.
 
-k_hat is used as given, so autograd gives dL/dk_hat for every key; with
+k_hat is used as given, so autograd gives dL/dk_hat for every key (key_grad="ste"); with
 k_hat = codebook[codes] + (k - k.detach()) (straight-through) that is dL/dk. This is the test
 oracle for ``vq_attention_linear``; ``codebook`` and ``codes`` are accepted (and checked) only for
 a uniform signature.
+
+key_grad="window" (Transformer-VQ's semantics): logit_ij uses k_hat_j inside the exact local
+region of the linear path's block structure and sg(k_hat_j) elsewhere, so keys get gradient only
+from the queries of that region. With blocks of W positions, block(x) = x // W, the region is
+
+    block(i) - block(j) in {0, 1} (causal),  |block(i) - block(j)| <= 1 (bidirectional).
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ def vq_attention_naive(
     attn_fn: str,
     causal: bool,
     window: int,
+    key_grad: str = "ste",
 ) -> Tensor:
     """q, k_hat: (B, H, L, D); v: (B, H, L, Dv); bias: (2W-1,) or None. Returns (B, H, L, Dv)."""
-    check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window)
+    check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
     with no_autocast(q):
-        return _naive(q, k_hat, v, bias, attn_fn, causal, window)
+        return _naive(q, k_hat, v, bias, attn_fn, key_grad, causal, window)
 
 
-def _naive(q, k_hat, v, bias, attn_fn, causal, window) -> Tensor:
+def _naive(q, k_hat, v, bias, attn_fn, key_grad, causal, window) -> Tensor:
     dtype = compute_dtype(q)
     qf, kf, vf = q.to(dtype), k_hat.to(dtype), v.to(dtype)
     length, dim = q.shape[-2], q.shape[-1]
@@ -46,7 +53,12 @@ def _naive(q, k_hat, v, bias, attn_fn, causal, window) -> Tensor:
     pos = torch.arange(length, device=q.device)
     offset = pos[:, None] - pos[None, :]  # i - j
     scale = logit_scale(attn_fn, causal, length, length, dim, dtype, q.device)
-    logits = (qf @ kf.transpose(-1, -2)) * scale[:, None]  # (B, H, L, L)
+    logits = qf @ kf.transpose(-1, -2)  # (B, H, L, L)
+    if key_grad == "window":
+        gap = pos[:, None] // window - pos[None, :] // window  # block(i) - block(j)
+        exact = (gap >= 0) & (gap <= 1) if causal else gap.abs() <= 1
+        logits = torch.where(exact, logits, qf @ kf.detach().transpose(-1, -2))
+    logits = logits * scale[:, None]
     if bias is not None:
         in_window = offset.abs() < window
         index = (offset + window - 1).clamp(0, 2 * window - 2)
