@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (Python 3.11, nothing installed):
-#   make demo   quick CPU efficiency run of every registered model -> terminal table + results/REPORT.md
+#   make demo   quick CPU efficiency run of every model + a small LongVQ ablation sweep -> results/REPORT.md
 #   make test   the test suite
 # Both create .venv (seeing system packages, so an installed torch — CPU or CUDA — is reused)
 # and install torch==2.13.0 (the CPU build) only when no torch is importable.
@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/python run_bench.py efficiency --models all --lengths 256,512 --device cpu --quick --out results/quick
+	$(BIN)/python run_bench.py sweep sweeps/quick_ablation.toml --quick --device cpu
 	$(BIN)/python run_bench.py report
 
 test: setup

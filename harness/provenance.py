@@ -54,7 +54,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "host": platform.node(),
         "git_commit": git_commit(),
         "glibc_malloc_tuned": malloc_tuned(),
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
         info["driver"] = _nvidia_driver()

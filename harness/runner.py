@@ -77,14 +77,21 @@ def plan_cells(
             for batch in batches:
                 cell = EfficiencyCell(entry.name, seq_len, batch, device, dtype, warmup, steps,
                                       seed)
-                key = config_hash({"kind": "efficiency", "cell": cell.to_dict(),
-                                   "model_config": model_config.to_dict(),
-                                   "device_name": device_label})
+                key = cell_key(cell, model_config, device_label)
                 planned.append(PlannedCell(entry, model_config, cell, key))
     return planned
 
 
-def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any]) -> CellRecord:
+def cell_key(cell: EfficiencyCell, model_config: Any, device_label: str) -> str:
+    """The store key of an efficiency cell: what was asked, the full model config, the device."""
+    return config_hash({"kind": "efficiency", "cell": cell.to_dict(),
+                        "model_config": model_config.to_dict(), "device_name": device_label})
+
+
+def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any],
+             extra_cell: dict[str, Any] | None = None) -> CellRecord:
+    """Measure one cell and write its row; ``extra_cell`` (e.g. the sweep's name) is recorded
+    with the cell's description but is not part of its key."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outcome = measure(planned.entry, planned.model_config, planned.cell)
@@ -98,7 +105,8 @@ def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any]) -> CellRe
         model=planned.entry.name,
         status=outcome.status,
         message=outcome.message,
-        cell={**planned.cell.to_dict(), "model_config": planned.model_config.to_dict()},
+        cell={**planned.cell.to_dict(), **(extra_cell or {}),
+              "model_config": planned.model_config.to_dict()},
         result=result,
         provenance=prov,
     )

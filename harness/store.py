@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 FINAL_STATUSES = frozenset({"ok", "oom", "diverged"})
-STATUSES = FINAL_STATUSES | {"error", "interrupted", "running"}
+# "pruned": stopped early by a tuner; not final, so a plain rerun of the same config trains it
+STATUSES = FINAL_STATUSES | {"error", "interrupted", "running", "pruned"}
 
 _metadata = sa.MetaData()
 cells_table = sa.Table(
@@ -60,6 +64,8 @@ class CellRecord:
 def store_url(store: str | Path) -> str:
     """A path becomes a SQLite URL; a URL (``postgresql://…``, ``sqlite:///…``) is kept."""
     text = str(store)
+    if text.startswith("postgresql://"):
+        return "postgresql+" + _postgres_driver() + text.removeprefix("postgresql")
     if "://" in text:
         return text
     path = Path(text)
@@ -67,6 +73,30 @@ def store_url(store: str | Path) -> str:
         raise ValueError(f"--store {text!r} is a directory; give a file path or a database URL")
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def _create_tables(engine: sa.Engine, attempts: int = 5) -> None:
+    """create_all, tolerating another worker creating the same tables at the same moment."""
+    for attempt in range(attempts):
+        try:
+            _metadata.create_all(engine)
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _postgres_driver() -> str:
+    """SQLAlchemy's dialect+driver for a plain postgresql:// URL: psycopg2 if installed, else
+    psycopg (3) — the `postgres` extra installs psycopg[binary]."""
+    import importlib.util
+
+    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return driver
+    raise ValueError("--store postgresql://...: no PostgreSQL driver installed; "
+                     "pip install 'psycopg[binary]'")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -83,7 +113,7 @@ class Store:
         self.engine = sa.create_engine(self.url, future=True)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        _metadata.create_all(self.engine)
+        _create_tables(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -103,7 +133,7 @@ class Store:
             "model": record.model,
             "status": record.status,
             "message": record.message[:4000],
-            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "cell": json.dumps(record.cell, sort_keys=True, default=str),
             "result": json.dumps(record.result, sort_keys=True, default=_json_default),
             "provenance": json.dumps(record.provenance, sort_keys=True, default=str),
@@ -125,6 +155,52 @@ class Store:
         statement = statement.on_conflict_do_update(index_elements=["cell_key"], set_=update)
         with self.engine.begin() as conn:
             conn.execute(statement)
+
+    def claim(self, record: CellRecord, lease_s: float = 6 * 3600) -> bool:
+        """Mark a cell ``running`` for this worker unless it is final or another live worker
+        runs it. True when this worker should run the cell.
+
+        Several workers (processes or machines) sharing one store call this before a cell; the
+        unique key plus a compare-and-set update make exactly one of them win. A ``running`` row
+        whose worker is gone is taken over: same host and its pid no longer exists, or (another
+        host) its row is older than ``lease_s``.
+        """
+        owner = worker_id()
+        values = {
+            "cell_key": record.cell_key, "kind": record.kind, "model": record.model,
+            "status": "running", "message": f"running on {owner}",
+            "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "cell": json.dumps(record.cell, sort_keys=True, default=str),
+            "result": "{}", "provenance": json.dumps(record.provenance, sort_keys=True,
+                                                     default=str),
+        }
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(cells_table.c.status, cells_table.c.message, cells_table.c.updated_at)
+                .where(cells_table.c.cell_key == record.cell_key)
+            ).first()
+        if row is None:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(cells_table.insert().values(**values))
+                return True
+            except sa.exc.IntegrityError:  # another worker inserted it first
+                return False
+        status, message, updated_at = row
+        if status in FINAL_STATUSES:
+            return False
+        if status == "running" and _owner_alive(message, updated_at, lease_s):
+            return False
+        with self.engine.begin() as conn:  # compare-and-set: only one worker takes it over
+            taken = conn.execute(
+                cells_table.update()
+                .where(cells_table.c.cell_key == record.cell_key)
+                .where(cells_table.c.status == status)
+                .where(cells_table.c.updated_at == updated_at)
+                .where(cells_table.c.message == message)
+                .values(**{k: v for k, v in values.items() if k != "cell_key"})
+            ).rowcount
+        return taken == 1
 
     # -- reading ------------------------------------------------------------------------------
     def status_of(self, cell_key: str) -> str | None:
@@ -177,3 +253,27 @@ def _json_default(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(message: str, updated_at: str, lease_s: float) -> bool:
+    """Is the worker named in a ``running on host:pid`` message still there?"""
+    owner = message.removeprefix("running on ").strip()
+    host, _, pid_text = owner.rpartition(":")
+    if host == socket.gethostname() and pid_text.isdigit():
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        started = dt.datetime.fromisoformat(updated_at)
+    except ValueError:
+        return False
+    age = (dt.datetime.now(dt.UTC) - started).total_seconds()
+    return age < lease_s

@@ -3,4 +3,6 @@
 A new subcommand is a new module here plus its name in ``COMMANDS`` (the order of --help).
 """
 
-COMMANDS: tuple[str, ...] = ("list_models", "efficiency", "kernels", "report")
+COMMANDS: tuple[str, ...] = (
+    "list_models", "efficiency", "train", "sweep", "tune", "kernels", "report",
+)

@@ -1,4 +1,4 @@
-"""`report`: REPORT.md from the store."""
+"""`report`: REPORT.md and a self-contained report.html from the store."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.cli_args import (
-    UsageError,
-)
+from harness.cli_args import UsageError
 from harness.provenance import REPO_ROOT
 
 
@@ -19,10 +17,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     path = Path(args.store)
     if "://" not in str(args.store) and not path.exists():
-        raise UsageError(f"--store {str(path)!r} does not exist; run `efficiency` first")
-    store = Store(args.store)
-    report = build_report(store, Path(args.out))
-    console.print(f"wrote {report}")
+        raise UsageError(f"--store {str(path)!r} does not exist; run `efficiency`, `train` or "
+                         "`sweep` first")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a folder")
+    with Store(args.store) as store, console.status("building the report"):
+        report = build_report(store, out)
+    console.print(f"wrote {report} and {report.parent / 'report.html'}")
     return 0
 
 
@@ -30,12 +32,13 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_rep = sub.add_parser(
         "report",
         parents=[common],
-        help="write results/REPORT.md",
-        description="Build REPORT.md (tables, ratios, plots, provenance) from the store.",
+        help="write results/REPORT.md and results/report.html",
+        description="Build REPORT.md and a self-contained report.html (efficiency, training "
+        "results, ablation sweeps, optuna studies, plots, provenance) from the store.",
     )
     p_rep.add_argument(
         "--out",
         default=str(REPO_ROOT / "results"),
-        help="folder for REPORT.md and plots/ (default: results/)",
+        help="folder for REPORT.md, report.html and plots/ (default: results/)",
     )
     p_rep.set_defaults(func=run)
