@@ -1,7 +1,13 @@
-"""Log-log plots of step time and peak memory against sequence length, one line per model."""
+"""The report's plots (PNG, Agg backend): efficiency vs length, learning curves, ablations, optuna.
+
+Every function takes plain data (frames or lists already reduced by the report), writes one PNG
+and returns its path; none reads the store.
+"""
 
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +16,9 @@ matplotlib.use("Agg")  # files only; no display on CI or GPU machines
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+
+DPI = 110
 
 METRICS = {
     "ms_median": ("time per training step (ms, median)", "time"),
@@ -45,12 +54,131 @@ def plot_vs_length(frame: pd.DataFrame, out_dir: Path, title: str, stem: str = "
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(label)
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)  # long group names
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{stem}{name}_vs_length.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=DPI)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.get_layout_engine() is None:  # figures with a legend outside use "constrained"
+        fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
+    """Train loss (log scale when positive) and val accuracy against step, one line per label.
+
+    ``curves`` maps a label to a frame with ``step`` and optional ``train_loss`` / ``val_acc``
+    columns (already averaged over seeds by the caller).
+    """
+    rows = math.ceil(len(curves) / 2)  # the legend below the panels, two labels a row
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.16 * rows),
+                                          layout="constrained")
+    positive = True
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (label, curve) in enumerate(curves.items()):
+        color = palette(i % palette.N)  # the same colour for a label on both panels
+        if "train_loss" in curve:
+            train = curve.dropna(subset=["train_loss"])
+            ax_loss.plot(train["step"], train["train_loss"], lw=0.9, color=color, label=label)
+            positive = positive and bool((train["train_loss"] > 0).all())
+        if "val_acc" in curve:
+            val = curve.dropna(subset=["val_acc"])
+            ax_acc.plot(val["step"], val["val_acc"], marker="o", ms=3, lw=0.9, color=color,
+                        label=label)
+    if positive and ax_loss.has_data():
+        ax_loss.set_yscale("log")
+    for ax, ylabel in ((ax_loss, "train loss"), (ax_acc, "val accuracy")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.legend(*ax_loss.get_legend_handles_labels() if ax_loss.has_data()
+               else ax_acc.get_legend_handles_labels(), loc="outside lower center", ncols=2,
+               fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_acc_vs_codebook(lines: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
+    """Test accuracy (mean, error bar = std over seeds) against codebook size S (log2 axis).
+
+    ``lines`` maps a label (the other grid fields) to a frame with codebook_size, mean, std.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, frame in lines.items():
+        frame = frame.sort_values("codebook_size")
+        ax.errorbar(frame["codebook_size"], frame["mean"], yerr=frame["std"].fillna(0),
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    sizes = sorted({float(s) for frame in lines.values() for s in frame["codebook_size"]})
+    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("codebook size S")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if any(lines):  # a single unlabelled line needs no legend
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_acc_vs_cost(points: pd.DataFrame, path: Path, title: str) -> Path:
+    """Test accuracy against wall time and against training throughput, one point per setting.
+
+    ``points``: label, mean, std (test accuracy), wall_s, tokens_per_s (means over seeds).
+    """
+    rows = math.ceil(len(points) / 2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4 + 0.16 * rows), sharey=True,
+                             layout="constrained")
+    for column, ax, xlabel in (("wall_s", axes[0], "wall time per run (s)"),
+                               ("tokens_per_s", axes[1], "training throughput (tokens/s)")):
+        for _, row in points.iterrows():
+            ax.errorbar(row[column], row["mean"], yerr=0 if pd.isna(row["std"]) else row["std"],
+                        marker="o", capsize=3, linestyle="none", label=row["label"])
+        values = points[column].dropna()
+        if not values.empty and values.min() > 0 and values.max() / values.min() > 20:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2,
+               fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_optuna_history(trials: pd.DataFrame, path: Path, title: str, maximize: bool) -> Path:
+    """Objective value of each complete trial against its number, with the best so far."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    trials = trials.sort_values("number")
+    ax.scatter(trials["number"], trials["value"], s=18, label="trial value")
+    best = trials["value"].cummax() if maximize else trials["value"].cummin()
+    ax.step(trials["number"], best, where="post", color="tab:red", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("objective value")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_importances(importances: dict[str, float], path: Path, title: str) -> Path:
+    """Horizontal bars of parameter importances, largest on top."""
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.35 * len(names)))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance (fraction of the objective's variation)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)

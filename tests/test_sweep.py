@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,14 +86,17 @@ def postgres_url(tmp_path):
         import psycopg  # noqa: F401
     except ImportError:
         pytest.skip("psycopg (PostgreSQL driver) not installed")
-    root = tmp_path / "pg"
-    root.mkdir()
+    # a short path outside pytest's 0700 tmp dir: the server may run as another user, and unix
+    # socket paths are limited to ~100 characters
+    root = Path(tempfile.mkdtemp(prefix="longvq-pg-"))
     prefix: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
         if not shutil.which("runuser"):
             pytest.skip("running as root without runuser")
-        shutil.chown(root, "postgres")
-        os.chmod(tmp_path, 0o777)
+        try:
+            shutil.chown(root, "postgres")
+        except LookupError:
+            pytest.skip("running as root and there is no postgres user")
         prefix = ["runuser", "-u", "postgres", "--"]
     data, port = root / "data", _free_port()
     subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"],
@@ -105,6 +109,7 @@ def postgres_url(tmp_path):
     finally:
         subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_workers_on_one_postgres_study_run_each_cell_once(tmp_path, postgres_url):
