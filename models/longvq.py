@@ -69,6 +69,7 @@ class LongVQConfig(ModelConfig):
     commitment: float = 1e-3  # beta of the commitment loss
     vq_decay: float = 0.99  # EMA k-means decay
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this (0: never)
+    codebook_init: str = "batch"  # batch: codes copied from the first training batch's keys
     attn_impl: str = "linear"  # linear | naive
     key_grad: str = "ste"  # ste (every query) | window (only the exact local blocks)
 
@@ -76,7 +77,8 @@ class LongVQConfig(ModelConfig):
         for name, value, allowed in (("attn_fn", self.attn_fn, ATTN_FNS),
                                      ("ssm", self.ssm, MEMORIES),
                                      ("attn_impl", self.attn_impl, ATTN_IMPLS),
-                                     ("key_grad", self.key_grad, KEY_GRADS)):
+                                     ("key_grad", self.key_grad, KEY_GRADS),
+                                     ("codebook_init", self.codebook_init, ("batch", "random"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
         for name in ("z_dim", "codebook_size", "window"):
@@ -122,7 +124,8 @@ class LongVQLayer(nn.Module):
                          if cfg.local_bias else None)
         self.quantizer = (VectorQuantizer(z, cfg.codebook_size, heads=1, decay=cfg.vq_decay,
                                           commitment=cfg.commitment,
-                                          dead_code_threshold=cfg.dead_code_threshold or None)
+                                          dead_code_threshold=cfg.dead_code_threshold or None,
+                                          init_from_batch=cfg.codebook_init == "batch")
                           if cfg.vq else None)
         self.norm_mixer = nn.LayerNorm(d)
         self.ffn = FeedForward(d, cfg.d_ffn, cfg.dropout) if cfg.d_ffn > 0 else None
