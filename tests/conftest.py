@@ -17,6 +17,24 @@ tune_glibc_malloc()  # the same allocator settings as the CLI (see harness/cpu_a
 # Small enough that every entry builds, steps and measures in well under a second on CPU.
 TINY_BACKBONE = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "n_classes": 5}
 
+def assert_close(name: str, ref: torch.Tensor, other: torch.Tensor, ratio: float,
+                 floor: float = 1e-12) -> None:
+    """||ref - other|| / max(||ref||, floor) <= ratio (computed in float64), printed so a run shows
+    how far off it was; ``floor`` stands in where the true value is ~0."""
+    assert torch.isfinite(other).all(), f"{name}: non-finite values"
+    ref, other = ref.double(), other.double()
+    error = ((ref - other).norm() / ref.norm().clamp_min(floor)).item()
+    print(f"{name}: relative error {error:.2e}")
+    assert error <= ratio, f"{name}: relative error {error:.2e} > {ratio}"
+
+
+def assert_close_max(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    """max |ref - out| / max |ref| <= tol, printed (the element-wise variant)."""
+    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    print(f"{name:>12} rel err {err:.3e} (tol {tol:.0e})")
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -17,13 +17,7 @@ from baselines.linear_attn import (
     linear_attn_naive,
 )
 from harness.registry import REGISTRY
-from tests.conftest import requires_cuda
-
-
-def assert_close(name: str, ref: torch.Tensor, other: torch.Tensor, ratio: float) -> None:
-    error = ((ref.double() - other.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
-    print(f"{name}: relative error {error:.2e}")
-    assert error <= ratio, f"{name}: relative error {error:.2e} > {ratio}"
+from tests.conftest import assert_close, requires_cuda
 
 
 def qkv(length: int, heads: int = 3, dim: int = 8, device: str = "cpu", seed: int = 0):

@@ -24,15 +24,10 @@ from models.selective_scan import (
     ssd_chunked,
     ssd_sequential,
 )
-from tests.conftest import requires_cuda
+from tests.conftest import assert_close, requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch reference:RuntimeWarning")
 
-
-def assert_close(name: str, ref: torch.Tensor, other: torch.Tensor, ratio: float) -> None:
-    error = ((ref.double() - other.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
-    print(f"{name}: relative error {error:.2e}")
-    assert error <= ratio, f"{name}: relative error {error:.2e} > {ratio}"
 
 
 def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:

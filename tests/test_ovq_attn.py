@@ -15,18 +15,11 @@ import torch.nn.functional as F
 from baselines.transformer import attention_vanilla
 from harness.registry import REGISTRY
 from models.ovq import ovq_attention_chunked, ovq_attention_naive
-from tests.conftest import requires_cuda
+from tests.conftest import assert_close, requires_cuda
 
 B, H, D, DV = 2, 2, 8, 4
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
-
-def assert_close(name: str, ref: torch.Tensor, other: torch.Tensor, ratio: float) -> None:
-    """Relative error ||ref - other|| / ||ref||, printed, must be <= ratio."""
-    err = ((ref.double() - other.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-    print(f"{name:>10} rel err {err:.2e}")
-    assert torch.isfinite(other).all(), f"{name}: non-finite values"
-    assert err <= ratio, f"{name}: relative error {err:.2e} > {ratio}"
 
 
 def make_inputs(length: int, keys: str, dtype: torch.dtype, seed: int = 0):

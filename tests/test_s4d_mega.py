@@ -17,15 +17,10 @@ from baselines.mega import (
 )
 from baselines.mega import laplace as laplace_fn
 from harness.registry import REGISTRY
-from tests.conftest import requires_cuda
+from tests.conftest import assert_close, requires_cuda
 
 SMALL = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ffn": 32, "vocab_size": 50}
 
-
-def assert_close(name: str, ref: torch.Tensor, other: torch.Tensor, ratio: float) -> None:
-    error = ((ref - other).norm() / ref.norm().clamp_min(1e-12)).item()
-    print(f"{name}: relative error {error:.2e}")
-    assert error <= ratio, f"{name}: relative error {error:.2e} > {ratio}"
 
 
 def mega_layer(head: str, attn_fn: str, chunk_size: int, **kw) -> MovingAverageGatedAttention:

@@ -17,13 +17,7 @@ from models.ssm import (
     ema_recurrence_ref,
     s4d_recurrence_ref,
 )
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
-    """Relative max error, printed so a failing run shows how far off it was."""
-    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-    print(f"{name:>12} rel err {err:.3e} (tol {tol:.0e})")
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+from tests.conftest import assert_close_max as assert_close
 
 
 @pytest.mark.parametrize("length", [37, 100])

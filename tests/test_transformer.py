@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from harness.registry import REGISTRY
-
-
-def assert_close(name: str, ref: torch.Tensor, other: torch.Tensor, ratio: float) -> None:
-    error = ((ref - other).norm() / ref.norm().clamp_min(1e-12)).item()
-    print(f"{name}: relative error {error:.2e}")
-    assert error <= ratio, f"{name}: relative error {error:.2e} > {ratio}"
+from tests.conftest import assert_close
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-4)])

@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from models.vq import VectorQuantizer, code_stats
-
-
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
-    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-    print(f"{name:>12} rel err {err:.3e} (tol {tol:.0e})")
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+from tests.conftest import assert_close_max as assert_close
 
 
 def _set_codebook(vq: VectorQuantizer, codebook: torch.Tensor) -> None:

@@ -15,18 +15,12 @@ import models.vq_attention._key_grad as key_grad_module
 from models.vq_attention import vq_attention, vq_attention_linear, vq_attention_naive
 from models.vq_attention._key_grad import choose_strategy
 from models.vq_attention._local import Blocks
+from tests.conftest import assert_close
 
 B, H, D, DV, S = 2, 2, 16, 8, 7
 STRATEGIES = ["codes", "dense"]
 TOL = {torch.float64: 1e-5, torch.float32: 1e-3}
 
-
-def assert_close(name: str, ref: torch.Tensor, tri: torch.Tensor, ratio: float) -> None:
-    """Relative error ||ref - tri|| / ||ref||, printed, must be <= ratio."""
-    err = ((ref.double() - tri.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-    print(f"{name:>4} rel err {err:.2e}")
-    assert torch.isfinite(tri).all(), f"{name}: non-finite values"
-    assert err <= ratio, f"{name}: relative error {err:.2e} > {ratio}"
 
 
 def make_inputs(length, window, dtype, attn_fn, use_bias, seed=0, q_scale=1.0):
