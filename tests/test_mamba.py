@@ -319,3 +319,20 @@ def test_registry_model_uses_mamba_ssm_on_cuda(name, dtype):
         logits = model(torch.randint(0, 256, (2, 64), device="cuda"))
     logits.float().sum().backward()
     assert model.backend == "mamba_ssm"
+
+
+def test_shifted_tap_conv_equals_conv1d():
+    """causal_depthwise_conv (a sum of shifted taps) is the padded, truncated Conv1d."""
+    from models.selective_scan import causal_depthwise_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3).double()
+    x = torch.randn(2, 8, 37, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.silu(conv(x)[..., :37])
+    out = causal_depthwise_conv(conv, x)
+    upstream = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (x, conv.weight, conv.bias), upstream)
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), upstream)
+    assert_close("out", ref, out, 1e-12)
+    for name, g_ref, g in zip(("dx", "dweight", "dbias"), grads_ref, grads, strict=True):
+        assert_close(name, g_ref, g, 1e-12)
