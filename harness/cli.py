@@ -2,14 +2,17 @@
 
 Subcommands live in harness/commands/ (one module each). User errors (unknown model, bad value,
 missing path) print one line naming the bad value and exit with code 2; ``--debug`` shows the
-traceback instead.
+traceback instead. SIGTERM (a batch scheduler, ``kill``) is handled like Ctrl-C: the running cell is
+stored as ``interrupted``, finished cells stay, and the command exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -46,7 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_as_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # signal handlers can only be installed from the main thread (in-process callers may not be)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_glibc_malloc()
@@ -59,3 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"run_bench.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a command's own handler (planning, opening the store)
+        if args.debug:
+            raise
+        print(f"run_bench.py {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -92,9 +92,16 @@ def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any],
              extra_cell: dict[str, Any] | None = None) -> CellRecord:
     """Measure one cell and write its row; ``extra_cell`` (e.g. the sweep's name) is recorded
     with the cell's description but is not part of its key."""
+    cell = {**planned.cell.to_dict(), **(extra_cell or {}),
+            "model_config": planned.model_config.to_dict()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outcome = measure(planned.entry, planned.model_config, planned.cell)
+        try:
+            outcome = measure(planned.entry, planned.model_config, planned.cell)
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the row says so (a rerun measures it)
+            store.write(CellRecord(planned.key, "efficiency", planned.entry.name, "interrupted",
+                                   cell, provenance=prov, message="interrupted (Ctrl-C)"))
+            raise
     notes = sorted({str(w.message).splitlines()[0] for w in caught})
     result = dict(outcome.metrics)
     if notes:
@@ -105,8 +112,7 @@ def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any],
         model=planned.entry.name,
         status=outcome.status,
         message=outcome.message,
-        cell={**planned.cell.to_dict(), **(extra_cell or {}),
-              "model_config": planned.model_config.to_dict()},
+        cell=cell,
         result=result,
         provenance=prov,
     )

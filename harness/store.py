@@ -110,10 +110,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Store:
     def __init__(self, store: str | Path) -> None:
         self.url = store_url(store)
-        self.engine = sa.create_engine(self.url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        _create_tables(self.engine)
+        try:
+            self.engine = sa.create_engine(self.url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            _create_tables(self.engine)
+        except (sa.exc.ArgumentError, sa.exc.OperationalError, sa.exc.NoSuchModuleError) as exc:
+            # a bad URL or an unreachable database is a user error: one line, no traceback
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise ValueError(f"--store {str(store)!r}: cannot open the database ({reason})"
+                             ) from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -29,10 +29,13 @@ import itertools
 import json
 import os
 import runpy
+import signal
+import threading
 import time
 import tomllib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -239,6 +242,7 @@ def _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note) ->
         overrides.setdefault("head", "lm")
     model_config = entry.make_config(**overrides)
     cell = EfficiencyCell(entry.name, device=device, **settings)
+    _check_efficiency_cell(cell)
     prov = provenance(torch.device(device))
     planned = PlannedCell(entry, model_config, cell, cell_key(cell, model_config, prov["device"]))
 
@@ -246,6 +250,19 @@ def _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note) ->
         return run_cell(planned, store, prov, extra_cell=sweep_note)
 
     return Cell(params, planned.key, entry.name, "efficiency", cell.to_dict(), run_it)
+
+
+def _check_efficiency_cell(cell: EfficiencyCell) -> None:
+    """Bad run values fail while planning (one line naming them), not as ``error`` cells."""
+    from harness.measure import DTYPES
+
+    for name in ("seq_len", "batch", "warmup", "steps"):
+        if getattr(cell, name) < 1:
+            raise ValueError(f"{name}={getattr(cell, name)!r} must be >= 1")
+    if cell.lr <= 0:
+        raise ValueError(f"lr={cell.lr!r} must be > 0")
+    if cell.dtype not in DTYPES:
+        raise ValueError(f"dtype={cell.dtype!r} must be one of {', '.join(DTYPES)}")
 
 
 # -- the study -----------------------------------------------------------------------------------
@@ -302,23 +319,86 @@ def run_sweep(spec: SweepSpec, store: Store, cells: dict[str, Cell], seed: int =
         sampler=optuna.samplers.GridSampler(space, seed=seed))
     study.set_user_attr("kind", spec.kind)
 
+    stopping: list[BaseException] = []
+    interrupts = _DeferredInterrupts()
+
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in space.items()}
         cell = cells[json.dumps(params, sort_keys=True, default=str)]
         trial.set_user_attr("cell_key", cell.key)
-        value = _run_or_reuse(cell, store, progress, on_cell)
+        try:
+            with interrupts.live():
+                value = _run_or_reuse(cell, store, progress, on_cell)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - re-raised below
+            # Ctrl-C, --fail-fast or a bug: stop the study and re-raise it ourselves, so
+            # optuna does not log a "trial failed" traceback for what is not a trial failure
+            stopping.append(exc)
+            trial.study.stop()
+            raise optuna.TrialPruned() from None
         if value is None:
             raise optuna.TrialPruned()  # no objective value (failed, or run by another worker)
         return value
 
-    study.optimize(objective, n_trials=None)  # GridSampler stops the study when it is exhausted
+    def optimize(n_trials: int | None) -> None:
+        with interrupts.installed():
+            study.optimize(objective, n_trials=n_trials)
+        if stopping:
+            raise stopping[0]
+        interrupts.raise_pending()
+
+    optimize(None)  # GridSampler stops the study when it is exhausted
     for cell in cells.values():  # completion pass: what a dead worker or a duplicate pick left
         status = store.status_of(cell.key)
         if status in FINAL_STATUSES:
             continue
         study.enqueue_trial(cell.params, skip_if_exists=False)
-        study.optimize(objective, n_trials=1)
+        optimize(1)
     return progress
+
+
+class _DeferredInterrupts:
+    """SIGINT/SIGTERM raise KeyboardInterrupt at once only while a cell runs (``live``).
+
+    Elsewhere — inside optuna's trial bookkeeping, which a KeyboardInterrupt leaves half done
+    (optuna 5 then fails with UnboundLocalError) — the signal is remembered and raised at the
+    next safe point: the start of the next cell, or when ``optimize`` returns.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.is_live = False
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        if self.is_live:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.pending = True
+
+    def raise_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt("deferred signal")
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        self.raise_pending()
+        self.is_live = True
+        try:
+            yield
+        finally:
+            self.is_live = False
+        self.raise_pending()
 
 
 def _run_or_reuse(cell: Cell, store: Store, progress: SweepProgress,
@@ -336,11 +416,17 @@ def _run_or_reuse(cell: Cell, store: Store, progress: SweepProgress,
         if on_cell:
             on_cell(cell, None, "running in another worker")
         return None
-    log = os.environ.get("LONGVQ_SWEEP_RUN_LOG")
-    if log:  # one line per cell this worker actually runs (tests check "exactly once" with it)
-        with open(log, "a") as handle:
-            handle.write(f"{cell.key} {os.getpid()}\n")
-    record = cell.run(store)
+    try:
+        log = os.environ.get("LONGVQ_SWEEP_RUN_LOG")
+        if log:  # one line per cell this worker actually runs (tests check "exactly once")
+            with open(log, "a") as handle:
+                handle.write(f"{cell.key} {os.getpid()}\n")
+        record = cell.run(store)
+    except KeyboardInterrupt:  # our claim must not stay `running`: mark it, then stop
+        if store.status_of(cell.key) == "running":
+            store.write(CellRecord(cell.key, cell.kind, cell.model, "interrupted", cell.describe,
+                                   message="interrupted (Ctrl-C)"))
+        raise
     progress.ran += 1
     if record is not None:
         progress.statuses[record.status] = progress.statuses.get(record.status, 0) + 1

@@ -19,6 +19,10 @@ from harness.cli_args import (
 from harness.registry import REGISTRY
 
 
+class FailFast(Exception):
+    """--fail-fast: a cell run by this command ended with a status other than ok."""
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -36,8 +40,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     overrides.update(parse_assignments(args.set or [], "--set"))
     warmup = args.warmup if args.warmup is not None else 3
     steps = args.steps if args.steps is not None else (3 if args.quick else 10)
-    if warmup < 1 or steps < 1:
-        raise UsageError("--warmup and --steps must be >= 1")
+    for flag, value in (("--warmup", warmup), ("--steps", steps)):
+        if value < 1:
+            raise UsageError(f"{flag}: {value} must be >= 1")
     try:
         planned = plan_cells(
             entries, lengths, batches, device, dtype, overrides, warmup, steps, args.seed
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 colour = "green" if record.status == "ok" else "yellow"
                 progress.console.print(f"  {label}: [{colour}]{record.status}[/{colour}] {detail}")
             progress.advance(task)
+            if args.fail_fast and record is not None and record.status != "ok":
+                raise FailFast(f"{label}: {record.status} {record.message[:200]}")
 
         try:
             run_cells(planned, store, force=args.force, on_cell=on_cell)
@@ -82,6 +89,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 " rerun the same command to finish the rest"
             )
             return 130
+        except FailFast as exc:
+            console.print(f"[red]stopped (--fail-fast)[/red]: {exc}")
+            return 1
     frame = results_frame(store, planned)
     print_efficiency_table(frame, console)
     if args.out:
@@ -170,7 +180,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p_eff.add_argument(
         "--set",
-        nargs="*",
+        nargs="+",
+        action="extend",
         metavar="FIELD=VALUE",
         help="config overrides for every model that has the field, e.g. "
         "--set d_model=256 n_layers=4 codebook_size=512",
@@ -187,6 +198,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p_eff.add_argument(
         "--force", action="store_true", help="re-measure cells even when the store already has them"
+    )
+    p_eff.add_argument(
+        "--fail-fast", dest="fail_fast", action="store_true",
+        help="stop at the first cell whose status is not ok (exit code 1)",
     )
     p_eff.add_argument(
         "--out", default=None, help="folder for efficiency.csv and time/memory-vs-length PNG plots"

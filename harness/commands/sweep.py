@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.cli_args import UsageError, parse_assignments, resolve_device, resolve_dtype
+from harness.commands.efficiency import FailFast
 from harness.provenance import REPO_ROOT
 
 
@@ -86,6 +88,8 @@ def run_one(spec, store, device: str, dtype: str, args: argparse.Namespace,
                 progress.console.print(f"  {params}: [{colour}]{record.status}[/{colour}] "
                                        f"{record.message[:100]}")
             progress.advance(bar)
+            if args.fail_fast and record.status != "ok":
+                raise FailFast(f"{params}: {record.status} {record.message[:200]}")
 
         try:
             run_sweep(spec, store, cells, seed=args.seed, on_cell=on_cell)
@@ -93,6 +97,9 @@ def run_one(spec, store, device: str, dtype: str, args: argparse.Namespace,
             console.print("[red]interrupted[/red]: finished cells are in the store; rerun the "
                           "same command to run the rest")
             return 130
+        except FailFast as exc:
+            console.print(f"[red]stopped (--fail-fast)[/red]: {exc}")
+            return 1
     print_summary(spec, store, cells, console)
     return 0
 
@@ -135,10 +142,22 @@ def spawn_workers(args: argparse.Namespace, console: Console, device: str) -> in
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
+        # own process group: Ctrl-C reaches only this parent, which forwards exactly one
+        # SIGTERM (= Ctrl-C in a worker) to each worker, also when the parent itself got SIGTERM
         procs.append(subprocess.Popen([sys.executable, str(REPO_ROOT / "run_bench.py"), *argv],
-                                      env=env))
+                                      env=env, process_group=0))
     console.print(f"started {args.workers} workers: pids {', '.join(str(p.pid) for p in procs)}")
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+        console.print("[red]interrupted[/red]: workers stopped, finished cells are in the "
+                      "store; rerun the same command to run the rest")
+        return 130
     failed = [c for c in codes if c]
     if failed:
         console.print(f"[red]{len(failed)} worker(s) exited with {failed}[/red]")
@@ -157,7 +176,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                     "workers (--workers, or the same command on several machines with a "
                     "postgresql:// --store) share one study and run each cell once.")
     p.add_argument("files", nargs="*", help="sweep files (sweeps/*.toml or *.py) to run")
-    p.add_argument("--grid", nargs="*", metavar="FIELD=V1,V2",
+    p.add_argument("--grid", nargs="+", action="extend", metavar="FIELD=V1,V2",
                    help="grid, e.g. codebook_size=64,128 attn_fn=softmax,laplace local_bias=on,off")
     p.add_argument("--kind", default="train", choices=["train", "efficiency"],
                    help="what each cell runs (default train)")
@@ -165,14 +184,17 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                                                      "may also vary model=...")
     p.add_argument("--task", default=None, help="task of train cells (mqar, listops, text, ...)")
     p.add_argument("--preset", default=None, help="task preset of train cells (see `train`)")
-    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
                    help="fixed values for every cell (routed like grid fields)")
-    p.add_argument("--task-opt", nargs="*", metavar="KEY=VALUE", help="fixed task options")
+    p.add_argument("--task-opt", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="fixed task options")
     p.add_argument("--name", default=None, help="sweep name (default: from the grid fields)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast dtype (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--quick", action="store_true",
                    help="small backbone, few steps, small datasets: a CPU smoke sweep")
+    p.add_argument("--fail-fast", dest="fail_fast", action="store_true",
+                   help="stop at the first cell whose status is not ok (exit code 1)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing the study (CUDA: one GPU each, round-robin)")
     p.set_defaults(func=run)

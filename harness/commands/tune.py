@@ -69,11 +69,13 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--task", default=None, help="task (mqar, listops, text, ...)")
     p.add_argument("--preset", default=None, help="task preset (see `train --help`)")
     p.add_argument("--trials", type=int, default=20, help="trials to add (default 20)")
-    p.add_argument("--space", nargs="*", metavar="FIELD=SPEC",
+    p.add_argument("--space", nargs="+", action="extend", metavar="FIELD=SPEC",
                    help="override search dimensions: lr=log:1e-4:1e-2, window=cat:32,64, "
                         "dropout=float:0:0.3, n_layers=int:1:4")
-    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="fixed values")
-    p.add_argument("--task-opt", nargs="*", metavar="KEY=VALUE", help="fixed task options")
+    p.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
+                   help="fixed values")
+    p.add_argument("--task-opt", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="fixed task options")
     p.add_argument("--name", default="default", help="study suffix (default 'default')")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast dtype (auto: bf16 on cuda, fp32 on cpu)")
