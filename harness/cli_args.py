@@ -67,3 +67,21 @@ def resolve_dtype(requested: str, device: str) -> str:
     if requested == "auto":
         return "bf16" if device == "cuda" else "fp32"
     return requested
+
+
+def progress_bar(console, with_eta: bool = False):
+    """The rich progress bar every long command uses (description, bar, n/total, times)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    if with_eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=False)

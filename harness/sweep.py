@@ -29,13 +29,10 @@ import itertools
 import json
 import os
 import runpy
-import signal
-import threading
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ import optuna
 import torch
 
 from harness.config import config_hash
+from harness.interrupts import DeferredInterrupts
 from harness.measure import EfficiencyCell
 from harness.registry import REGISTRY, Entry
 from harness.store import FINAL_STATUSES, CellRecord, Store
@@ -320,7 +318,7 @@ def run_sweep(spec: SweepSpec, store: Store, cells: dict[str, Cell], seed: int =
     study.set_user_attr("kind", spec.kind)
 
     stopping: list[BaseException] = []
-    interrupts = _DeferredInterrupts()
+    interrupts = DeferredInterrupts()
 
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in space.items()}
@@ -354,51 +352,6 @@ def run_sweep(spec: SweepSpec, store: Store, cells: dict[str, Cell], seed: int =
         study.enqueue_trial(cell.params, skip_if_exists=False)
         optimize(1)
     return progress
-
-
-class _DeferredInterrupts:
-    """SIGINT/SIGTERM raise KeyboardInterrupt at once only while a cell runs (``live``).
-
-    Elsewhere — inside optuna's trial bookkeeping, which a KeyboardInterrupt leaves half done
-    (optuna 5 then fails with UnboundLocalError) — the signal is remembered and raised at the
-    next safe point: the start of the next cell, or when ``optimize`` returns.
-    """
-
-    def __init__(self) -> None:
-        self.pending = False
-        self.is_live = False
-
-    def _handler(self, signum: int, _frame: object) -> None:
-        if self.is_live:
-            raise KeyboardInterrupt(f"signal {signum}")
-        self.pending = True
-
-    def raise_pending(self) -> None:
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt("deferred signal")
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    @contextmanager
-    def live(self) -> Iterator[None]:
-        self.raise_pending()
-        self.is_live = True
-        try:
-            yield
-        finally:
-            self.is_live = False
-        self.raise_pending()
 
 
 def _run_or_reuse(cell: Cell, store: Store, progress: SweepProgress,

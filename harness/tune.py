@@ -20,6 +20,7 @@ from typing import Any
 
 import optuna
 
+from harness.interrupts import DeferredInterrupts
 from harness.store import Store
 
 # (kind, *args): log / float (low, high), int (low, high), cat (choices)
@@ -126,6 +127,9 @@ def run_tune(spec, store: Store, space: dict[str, Dimension], trials: int, devic
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
     study.set_user_attr("space", json.dumps(space, default=str))
     note = {"study": name, "tune_space": ",".join(space)}
+    # a Ctrl-C inside optuna's bookkeeping breaks it: signals interrupt only a running cell
+    interrupts = DeferredInterrupts()
+    stopping: list[BaseException] = []
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
@@ -140,7 +144,13 @@ def run_tune(spec, store: Store, space: dict[str, Dimension], trials: int, devic
                 if trial.should_prune():
                     raise StopTraining("pruned by optuna's median pruner")
 
-        record = cell.run(store, on_step=on_step)
+        try:
+            with interrupts.live():
+                record = cell.run(store, on_step=on_step)
+        except KeyboardInterrupt as exc:  # re-raised after optuna has closed the trial
+            stopping.append(exc)
+            trial.study.stop()
+            raise optuna.TrialPruned() from None
         status = record.status if record is not None else "skipped"
         value = record.result.get("test_acc") if record is not None else None
         if on_trial:
@@ -151,7 +161,11 @@ def run_tune(spec, store: Store, space: dict[str, Dimension], trials: int, devic
             raise optuna.TrialPruned()  # failed cells carry no objective; the row says why
         return float(value)
 
-    study.optimize(objective, n_trials=trials)
+    with interrupts.installed():
+        study.optimize(objective, n_trials=trials)
+    if stopping:
+        raise stopping[0]
+    interrupts.raise_pending()
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     best = study.best_trial if complete else None

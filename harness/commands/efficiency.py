@@ -13,6 +13,7 @@ from harness.cli_args import (
     UsageError,
     parse_assignments,
     parse_int_list,
+    progress_bar,
     resolve_device,
     resolve_dtype,
 )
@@ -24,7 +25,6 @@ class FailFast(Exception):
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from harness.runner import QUICK_BACKBONE, plan_cells, results_frame, run_cells
     from harness.store import Store
@@ -53,13 +53,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"[bold]efficiency[/bold]: {len(planned)} cells on {device} ({dtype}), store {store.url}"
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("cells", total=len(planned))
 
         def on_cell(item, record) -> None:

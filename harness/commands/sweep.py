@@ -13,7 +13,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.cli_args import UsageError, parse_assignments, resolve_device, resolve_dtype
+from harness.cli_args import (
+    UsageError,
+    parse_assignments,
+    progress_bar,
+    resolve_device,
+    resolve_dtype,
+)
 from harness.commands.efficiency import FailFast
 from harness.provenance import REPO_ROOT
 
@@ -60,7 +66,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 def run_one(spec, store, device: str, dtype: str, args: argparse.Namespace,
             console: Console) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from harness.sweep import plan_sweep, run_sweep
 
@@ -69,9 +74,7 @@ def run_one(spec, store, device: str, dtype: str, args: argparse.Namespace,
     console.print(f"[bold]sweep[/bold] {spec.name}: {len(points)} {spec.kind} cells of "
                   f"{spec.model} on {device} ({dtype}), study {spec.study_name()}, "
                   f"store {store.url}")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         done = sum(store.is_finished(cell.key) for cell in cells.values())
         bar = progress.add_task(spec.name, total=len(points), completed=done)
         if done:

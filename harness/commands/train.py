@@ -12,7 +12,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.cli_args import UsageError, parse_assignments, resolve_device, resolve_dtype
+from harness.cli_args import (
+    UsageError,
+    parse_assignments,
+    progress_bar,
+    resolve_device,
+    resolve_dtype,
+)
 
 # --quick: the efficiency smoke backbone (harness.runner.QUICK_BACKBONE) and a short run.
 QUICK_RUN: dict[str, Any] = {"steps": 40, "batch": 8, "eval_every": 20, "eval_batches": 2,
@@ -74,14 +80,6 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from harness.store import Store
     from harness.train import build_task, model_config
@@ -94,10 +92,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     label = f"{cfg.model} on {cfg.task} L={cfg.seq_len}"
     console.print(f"[bold]train[/bold]: {label}, {cfg.steps} steps x batch {cfg.batch}, "
                   f"lr {cfg.lr:g} on {cfg.device} ({cfg.dtype}), store {store.url}")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
     last_val: dict[str, float] = {}
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar(console, with_eta=True) as progress:
         bar = progress.add_task(label, total=cfg.steps)
 
         def on_step(record: dict[str, Any]) -> None:
