@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
+from harness import distributed
 from harness.backbone import task_loss
 from harness.config import ModelConfig
 from harness.measure import (
@@ -333,11 +334,16 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
     task = task if task is not None else build_task(cfg)
     entry, model_cfg = model_config(cfg, task)
+    here, device = distributed.setup(device, cfg.batch)
     torch.manual_seed(cfg.seed)
     model = entry.build(model_cfg).to(device)
+    # DDP: forward through the wrapper (its hooks all-reduce the gradients); everything that
+    # reads the model (loss heads, stats, state_dict) uses the module itself
+    forward = (torch.nn.parallel.DistributedDataParallel(model) if here.is_distributed
+               else model)
     optimizer, groups = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = LambdaLR(optimizer, lambda s: lr_scale(s, cfg.steps, cfg.warmup_frac))
-    log.static.update(params=model.num_params(), optimizer_groups=groups)
+    log.static.update(params=model.num_params(), optimizer_groups=groups, world_size=here.size)
     max_norm = cfg.clip if cfg.clip > 0 else math.inf
     sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else CPU_SYNC_EVERY
     train_iter = task.batches("train", cfg.batch, cfg.seed)
@@ -355,18 +361,19 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         fetch_start = time.perf_counter()
         tokens, targets = next(train_iter)
         data_s += time.perf_counter() - fetch_start
-        tokens = tokens.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        tokens = distributed.shard(tokens, here).to(device, non_blocking=True)
+        targets = distributed.shard(targets, here).to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, cfg.dtype):
-            loss = task_loss(model, model(tokens), targets)
+            loss = task_loss(model, forward(tokens), targets)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         lr_now = optimizer.param_groups[0]["lr"]  # the un-hinted group: lr * w(step - 1)
         optimizer.step()
         scheduler.step()
-        n_tokens += tokens.numel()
-        pending.append((step, loss.detach(), grad_norm.detach(), lr_now))
+        n_tokens += tokens.numel() * here.size
+        pending.append((step, distributed.mean_over_ranks(loss.detach(), here),
+                        grad_norm.detach(), lr_now))
 
         # a time limit stops early, evaluating the weights reached so far
         stopped_early = (cfg.time_limit_s > 0 and step < cfg.steps

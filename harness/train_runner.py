@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from harness import distributed
 from harness.config import ModelConfig, config_hash
 from harness.provenance import device_name, provenance
 from harness.store import CellRecord, Store
@@ -74,7 +75,8 @@ def run_train(cfg: TrainConfig, store: Store, force: bool = False,
             result["warnings"] = notes
         record = CellRecord(cell_key=key, kind="train", model=cfg.model, status=outcome.status,
                             message=outcome.message, cell=cell, result=result, provenance=prov)
-        store.write(record)
+        if distributed.world().is_main:  # torchrun: one row per cell, from rank 0
+            store.write(record)
         return record
 
     with warnings.catch_warnings(record=True) as caught:

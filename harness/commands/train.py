@@ -79,8 +79,28 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
+def launch_processes(args: argparse.Namespace, console: Console) -> int:
+    """``--nproc N``: the same command under ``torch.distributed.run`` (torchrun), N processes."""
+    import subprocess
+    import sys
 
+    from harness.provenance import REPO_ROOT
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc: {args.nproc} must be >= 1")
+    argv = list(sys.argv[1:])
+    index = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
+    del argv[index : index + (1 if "=" in argv[index] else 2)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", str(REPO_ROOT / "run_bench.py"), *argv]
+    console.print(f"[bold]train[/bold]: {args.nproc} processes via torch.distributed.run (DDP)")
+    return subprocess.call(command)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    if args.nproc != 1:
+        return launch_processes(args, console)
+    from harness import distributed
     from harness.store import Store
     from harness.train import build_task, model_config
     from harness.train_runner import run_train, stored_result, write_outputs
@@ -121,6 +141,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         status, message, result = stored["status"], stored["message"], stored["result"]
     else:
         status, message, result = record.status, record.message, record.result
+    if not distributed.world().is_main:
+        return 1 if status == "error" else 0
     print_summary(cfg, status, message, result, console)
     if args.out:
         paths = write_outputs(result, status, Path(args.out), label)
@@ -198,6 +220,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="CPU smoke run: small backbone, 40 steps x batch 8, 2 eval/test batches, "
                    "512 train / 64 val / 64 test examples")
     p.add_argument("--force", action="store_true", help="retrain even if the store has the cell")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes (DDP through torch.distributed.run: NCCL on "
+                        "CUDA with one GPU each, gloo on CPU); the global --batch is split "
+                        "evenly, so the run computes what one process with that batch does")
     p.add_argument("--out", default=None,
                    help="folder for curve.csv, learning_curve.png and result.json")
     p.set_defaults(func=run)
