@@ -39,14 +39,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.backbone import PreNormBlock, SequenceModel
+from harness.backbone import SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
 from models.selective_scan import (
-    ScanMixer,
     causal_depthwise_conv,
     inverse_softplus_dt,
     official_module,
+    scan_block,
     selective_scan_ref,
 )
 
@@ -163,14 +163,8 @@ def make_mamba(cfg: MambaConfig, layer_idx: int) -> nn.Module:
 
 
 def make_block(cfg: MambaConfig, layer_idx: int) -> nn.Module:
-    mixer = ScanMixer(
-        lambda: make_mamba(cfg, layer_idx),
-        bidirectional=not cfg.causal,
-        reference_cls=MambaReference,
-        ref_forward=mamba_reference_forward,
-        name="mamba",
-    )
-    return PreNormBlock(cfg, mixer)
+    return scan_block(cfg, lambda: make_mamba(cfg, layer_idx), MambaReference,
+                      mamba_reference_forward, "mamba")
 
 
 @register("mamba", family="ssm", config=MambaConfig, causal=True, bidirectional=True)

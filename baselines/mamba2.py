@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.backbone import PreNormBlock, SequenceModel
+from harness.backbone import SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
 from models.selective_scan import (
-    ScanMixer,
     causal_depthwise_conv,
     inverse_softplus_dt,
     official_module,
     rms_norm_gated,
+    scan_block,
     ssd_chunked,
 )
 
@@ -201,14 +201,8 @@ def make_mamba2(cfg: Mamba2Config, layer_idx: int) -> nn.Module:
 
 
 def make_block(cfg: Mamba2Config, layer_idx: int) -> nn.Module:
-    mixer = ScanMixer(
-        lambda: make_mamba2(cfg, layer_idx),
-        bidirectional=not cfg.causal,
-        reference_cls=Mamba2Reference,
-        ref_forward=mamba2_reference_forward,
-        name="mamba2",
-    )
-    return PreNormBlock(cfg, mixer)
+    return scan_block(cfg, lambda: make_mamba2(cfg, layer_idx), Mamba2Reference,
+                      mamba2_reference_forward, "mamba2")
 
 
 @register("mamba2", family="ssm", config=Mamba2Config, causal=True, bidirectional=True)

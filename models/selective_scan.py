@@ -353,3 +353,14 @@ class ScanMixer(nn.Module):
         if self.mamba_rev is not None:
             out = out + self._run(self.mamba_rev, x.flip(1)).flip(1)
         return out
+
+
+def scan_block(cfg, make: Callable[[], nn.Module], reference_cls: type[nn.Module],
+               ref_forward: Callable, name: str) -> nn.Module:
+    """The backbone block of the Mamba entries: pre-norm ScanMixer (+ FFN when d_ffn > 0);
+    bidirectional (forward + reversed scan) for classification heads, causal for LM heads."""
+    from harness.backbone import PreNormBlock
+
+    mixer = ScanMixer(make, bidirectional=not cfg.causal, reference_cls=reference_cls,
+                      ref_forward=ref_forward, name=name)
+    return PreNormBlock(cfg, mixer)
