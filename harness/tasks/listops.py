@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from harness.tasks import Batch, Task, TaskConfig, register_task
-from harness.tasks.mqar import SPLITS, check_split, index_batches, parse_options
+from harness.tasks._common import SPLITS, check_split, index_batches, parse_options
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from harness.tasks import Task, TaskConfig, register_task
-from harness.tasks.mqar import ArrayTask, parse_options
+from harness.tasks._common import ArrayTask, parse_options
 
 INK = 255
 CANDIDATES, TRIES = 8, 6  # paths drawn at once per image, rounds of that, before a drop

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from harness.tasks import IGNORE_INDEX, Task, TaskConfig, register_task
-from harness.tasks.mqar import ArrayTask, parse_options, token_dtype
+from harness.tasks._common import ArrayTask, parse_options, token_dtype
 
 NOISE = 0
 

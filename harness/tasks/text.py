@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from harness.tasks import Batch, Task, TaskConfig, register_task
-from harness.tasks.mqar import (
+from harness.tasks._common import (
     ArrayTask,
     check_split,
     index_batches,
