@@ -45,6 +45,7 @@ from harness.registry import register
 from models.selective_scan import (
     causal_depthwise_conv,
     inverse_softplus_dt,
+    mark_no_decay,
     official_module,
     scan_block,
     selective_scan_ref,
@@ -82,12 +83,6 @@ def mamba_kwargs(cfg: MambaConfig) -> dict:
         "dt_min": cfg.dt_min,
         "dt_max": cfg.dt_max,
     }
-
-
-def _mark_no_decay(module: nn.Module) -> None:
-    for param in (module.A_log, module.D):
-        param._no_weight_decay = True
-        param._optim = {"weight_decay": 0.0}
 
 
 class MambaReference(nn.Module):
@@ -158,7 +153,7 @@ def make_mamba(cfg: MambaConfig, layer_idx: int) -> nn.Module:
         module = official(**mamba_kwargs(cfg), use_fast_path=True, layer_idx=layer_idx)
     else:
         module = MambaReference(**mamba_kwargs(cfg))
-    _mark_no_decay(module)
+    mark_no_decay(module.A_log, module.D)
     return module
 
 

@@ -39,6 +39,7 @@ from harness.registry import register
 from models.selective_scan import (
     causal_depthwise_conv,
     inverse_softplus_dt,
+    mark_no_decay,
     official_module,
     rms_norm_gated,
     scan_block,
@@ -194,9 +195,7 @@ def make_mamba2(cfg: Mamba2Config, layer_idx: int) -> nn.Module:
         module = official(**mamba2_kwargs(cfg), layer_idx=layer_idx)
     else:
         module = Mamba2Reference(**mamba2_kwargs(cfg))
-    for param in (module.A_log, module.D, module.dt_bias):
-        param._no_weight_decay = True
-        param._optim = {"weight_decay": 0.0}
+    mark_no_decay(module.A_log, module.D, module.dt_bias)
     return module
 
 

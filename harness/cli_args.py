@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 from harness.provenance import REPO_ROOT
 
@@ -85,3 +86,29 @@ def progress_bar(console, with_eta: bool = False):
     if with_eta:
         columns.append(TimeRemainingColumn())
     return Progress(*columns, console=console, transient=False)
+
+
+def parse_task_options(items: list[str]) -> dict[str, Any]:
+    """key=value pairs; values become int, float or bool (on/off, true/false) when they parse."""
+    options: dict[str, Any] = {}
+    for name, text in parse_assignments(items, "--task-opt").items():
+        lowered = text.lower()
+        value: Any = text
+        if lowered in {"true", "on", "yes"} or lowered in {"false", "off", "no"}:
+            value = lowered in {"true", "on", "yes"}
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        options[name] = value
+    return options
+
+
+def fixed_values(args) -> dict:
+    """``--set`` and ``--task-opt`` of a sweep/tune command as one routed dict (task.<name>)."""
+    values: dict = dict(parse_assignments(args.set or [], "--set"))
+    values.update({f"task.{k}": v for k, v in parse_task_options(args.task_opt or []).items()})
+    return values

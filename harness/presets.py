@@ -55,6 +55,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# --quick (train, sweep, tune): with the efficiency smoke backbone (harness.runner.QUICK_BACKBONE)
+# a short run on small generated datasets.
+QUICK_RUN: dict[str, Any] = {"steps": 40, "batch": 8, "eval_every": 20, "eval_batches": 2,
+                             "test_batches": 2}
+QUICK_DATA: dict[str, Any] = {"n_train": 512, "n_val": 64, "n_test": 64}  # generated tasks
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 

@@ -189,8 +189,7 @@ def make_cell(spec: SweepSpec, params: dict[str, Any], device: str, dtype: str, 
 
 
 def _train_cell(spec, entry, values, params, device, dtype, quick, sweep_note) -> Cell:
-    from harness.commands.train import QUICK_DATA, QUICK_RUN
-    from harness.presets import get_preset
+    from harness.presets import QUICK_DATA, QUICK_RUN, get_preset
     from harness.provenance import device_name
     from harness.runner import QUICK_BACKBONE
     from harness.train import TrainConfig

@@ -364,3 +364,10 @@ def scan_block(cfg, make: Callable[[], nn.Module], reference_cls: type[nn.Module
     mixer = ScanMixer(make, bidirectional=not cfg.causal, reference_cls=reference_cls,
                       ref_forward=ref_forward, name=name)
     return PreNormBlock(cfg, mixer)
+
+
+def mark_no_decay(*params: nn.Parameter) -> None:
+    """mamba_ssm's ``_no_weight_decay`` flag, and our optimizer hint with the same meaning."""
+    for param in params:
+        param._no_weight_decay = True
+        param._optim = {"weight_decay": 0.0}

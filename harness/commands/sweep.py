@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from harness.cli_args import (
     UsageError,
-    parse_assignments,
+    fixed_values,
     progress_bar,
     resolve_device,
     resolve_dtype,
@@ -25,16 +24,13 @@ from harness.provenance import REPO_ROOT
 
 
 def build_specs(args: argparse.Namespace):
-    from harness.commands.train import parse_task_options
     from harness.sweep import SweepSpec, load_sweep_file, parse_grid
 
     specs = []
     for path in args.files or []:
         specs.extend(load_sweep_file(Path(path)))
     if args.grid:
-        base: dict[str, Any] = dict(parse_assignments(args.set or [], "--set"))
-        base.update({f"task.{k}": v for k, v in
-                     parse_task_options(args.task_opt or []).items()})
+        base = fixed_values(args)
         grid = parse_grid(args.grid)
         name = args.name or "cli-" + "-".join(sorted(grid))
         specs.append(SweepSpec(name=name, kind=args.kind, model=args.model, task=args.task,

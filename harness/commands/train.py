@@ -15,42 +15,20 @@ from rich.table import Table
 from harness.cli_args import (
     UsageError,
     parse_assignments,
+    parse_task_options,
     progress_bar,
     resolve_device,
     resolve_dtype,
 )
 
-# --quick: the efficiency smoke backbone (harness.runner.QUICK_BACKBONE) and a short run.
-QUICK_RUN: dict[str, Any] = {"steps": 40, "batch": 8, "eval_every": 20, "eval_batches": 2,
-                             "test_batches": 2}
-QUICK_DATA: dict[str, Any] = {"n_train": 512, "n_val": 64, "n_test": 64}  # generated tasks
 DEFAULT_SEQ_LEN = 512
 # flag dest -> TrainConfig field, for the flags that default to None (= not given)
 FLAG_FIELDS = ("task", "seq_len", "steps", "batch", "lr", "weight_decay", "warmup_frac", "clip",
                "eval_every", "eval_batches", "test_batches", "time_limit_s")
 
 
-def parse_task_options(items: list[str]) -> dict[str, Any]:
-    """key=value pairs; values become int, float or bool (on/off, true/false) when they parse."""
-    options: dict[str, Any] = {}
-    for name, text in parse_assignments(items, "--task-opt").items():
-        lowered = text.lower()
-        value: Any = text
-        if lowered in {"true", "on", "yes"} or lowered in {"false", "off", "no"}:
-            value = lowered in {"true", "on", "yes"}
-        else:
-            for kind in (int, float):
-                try:
-                    value = kind(text)
-                    break
-                except ValueError:
-                    continue
-        options[name] = value
-    return options
-
-
 def build_config(args: argparse.Namespace):
-    from harness.presets import get_preset
+    from harness.presets import QUICK_DATA, QUICK_RUN, get_preset
     from harness.registry import REGISTRY
     from harness.runner import QUICK_BACKBONE
     from harness.train import TrainConfig

@@ -8,11 +8,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.cli_args import UsageError, parse_assignments, resolve_device, resolve_dtype
+from harness.cli_args import (
+    UsageError,
+    fixed_values,
+    parse_assignments,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from harness.commands.train import parse_task_options
     from harness.registry import REGISTRY
     from harness.store import Store
     from harness.sweep import SweepSpec
@@ -23,8 +28,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--trials: {args.trials} must be >= 1")
     if not (args.task or args.preset):
         raise UsageError("--task: required (or give --preset)")
-    base: dict[str, Any] = dict(parse_assignments(args.set or [], "--set"))
-    base.update({f"task.{k}": v for k, v in parse_task_options(args.task_opt or []).items()})
+    base = fixed_values(args)
     space = search_space(args.model, parse_assignments(args.space or [], "--space"))
     spec = SweepSpec(name=args.name, model=args.model, task=args.task, preset=args.preset,
                      base=base, grid={"_": [0]})
