@@ -13,7 +13,13 @@ Peak memory is *allocated* memory, not reserved:
   allocator pages rather than tensor bytes, so it is an upper estimate of the same quantity.
 
 Each cell ends ``ok``, ``oom`` (CUDA OOM, Triton out of resources, CPU allocation failure),
-``diverged`` (non-finite loss) or ``error`` (any other exception, message kept).
+``diverged`` (non-finite loss) or ``error`` (any other exception, message kept; also a warm-up
+step slower than ``max_step_s``, message ``too-slow: ...``, so that one pathological cell, e.g.
+a sequential reference kernel at 64K, cannot eat a GPU session's budget).
+
+``compile=True`` wraps the model's forward in ``torch.compile`` (default mode); the warm-up steps
+absorb the compilation. :func:`profile_cell` runs torch.profiler over a few steps of one cell and
+returns the top kernels (CUDA: by self device time) or ops (CPU: by self CPU time).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +58,7 @@ class EfficiencyCell:
     steps: int = 10
     seed: int = 0
     lr: float = 1e-3
+    compile: bool = False  # torch.compile the model (recorded per row; keyed only when on)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +73,13 @@ class CellOutcome:
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TooSlow(RuntimeError):
+    """A warm-up step took longer than the cell's time limit."""
+
+
+TOO_SLOW = "too-slow"  # message prefix of cells stopped by max_step_s
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -137,13 +152,20 @@ def _cpu_step_peak_bytes(step) -> int:
     return max(peak[0], _rss_bytes()) - base
 
 
-def measure(entry: Entry, model_config: Any, cell: EfficiencyCell) -> CellOutcome:
-    """Build the model on the cell's device and time training steps. Never raises on OOM."""
+def measure(entry: Entry, model_config: Any, cell: EfficiencyCell,
+            max_step_s: float | None = None) -> CellOutcome:
+    """Build the model on the cell's device and time training steps. Never raises on OOM.
+
+    ``max_step_s``: a warm-up step after the first (which may include compile/autotune) that
+    takes longer ends the cell with status ``error`` and a ``too-slow: ...`` message.
+    """
     device = torch.device(cell.device)
     try:
-        return _measure(entry, model_config, cell, device)
+        return _measure(entry, model_config, cell, device, max_step_s)
     except Diverged as exc:
         return CellOutcome("diverged", str(exc))
+    except TooSlow as exc:
+        return CellOutcome("error", str(exc))
     except Exception as exc:  # noqa: BLE001 - every failure becomes the cell's status
         if is_oom(exc):
             return CellOutcome("oom", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
@@ -152,7 +174,25 @@ def measure(entry: Entry, model_config: Any, cell: EfficiencyCell) -> CellOutcom
         free_memory(device)
 
 
-def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torch.device):
+def compile_model(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` with its default settings (a function so tests can swap the backend)."""
+    return torch.compile(model)
+
+
+@dataclass
+class TrainStep:
+    """A built model with its optimizer and one fixed random batch; ``step()`` trains once."""
+
+    model: Any
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    groups: dict[str, Any]
+    step: Callable[[], torch.Tensor]
+
+
+def build_step(entry: Entry, model_config: Any, cell: EfficiencyCell,
+               device: torch.device) -> TrainStep:
     torch.manual_seed(cell.seed)
     model = entry.build(model_config).to(device)
     optimizer, groups = build_optimizer(model, lr=cell.lr)
@@ -167,23 +207,45 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
     autocast_dtype = DTYPES[cell.dtype]
     use_autocast = autocast_dtype != torch.float32
     model.train()
+    # the loss still reads the aux losses and head kind from the plain module
+    forward = compile_model(model) if cell.compile else model
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if use_autocast
                else contextlib.nullcontext())
         with ctx:
-            loss = task_loss(model, model(tokens), targets)
+            loss = task_loss(model, forward(tokens), targets)
         loss.backward()
         optimizer.step()
         return loss.detach()
+
+    return TrainStep(model, tokens, targets, optimizer, groups, step)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torch.device,
+             max_step_s: float | None = None) -> CellOutcome:
+    built = build_step(entry, model_config, cell, device)
+    model, optimizer, step = built.model, built.optimizer, built.step
 
     def check(loss: torch.Tensor, when: str) -> None:
         if not math.isfinite(loss.item()):
             raise Diverged(f"loss is {loss.item()} at {when}")
 
     for i in range(cell.warmup):
-        check(step(), f"warm-up step {i}")
+        start_s = time.perf_counter()
+        loss = step()
+        _sync(device)
+        took = time.perf_counter() - start_s
+        check(loss, f"warm-up step {i}")
+        if max_step_s is not None and i > 0 and took > max_step_s:
+            raise TooSlow(f"{TOO_SLOW}: warm-up step {i} took {took:.1f} s > limit "
+                          f"{max_step_s:g} s (backend {model.backend}); not timed")
 
     times_ms: list[float] = []
     losses: list[torch.Tensor] = []
@@ -204,7 +266,7 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
             losses.append(step())
             times_ms.append((time.perf_counter() - start_s) * 1e3)
         optimizer.zero_grad(set_to_none=True)
-        resident = [*model.parameters(), *model.buffers(), tokens, targets]
+        resident = [*model.parameters(), *model.buffers(), built.tokens, built.targets]
         resident += [t for s in optimizer.state.values() for t in s.values()
                      if isinstance(t, torch.Tensor)]
         peak_bytes = _tensor_bytes(resident) + _cpu_step_peak_bytes(step)
@@ -223,10 +285,63 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
         "peak_mem_method": "cuda max_memory_allocated" if device.type == "cuda"
         else "cpu resident tensors + resident-set growth during one step",
         "final_loss": float(losses[-1].item()) if losses else float("nan"),
-        "optimizer_groups": groups,
+        "optimizer_groups": built.groups,
     }
     metrics.update(_summarise_stats(model.layer_stats()))
     return CellOutcome("ok", "", metrics)
+
+
+def profile_cell(entry: Entry, model_config: Any, cell: EfficiencyCell,
+                 top: int = 20) -> tuple[list[dict[str, Any]], str]:
+    """torch.profiler over ``cell.steps`` training steps after ``cell.warmup`` untimed ones.
+
+    Returns the ``top`` rows sorted by self time and the sort key's description. On CUDA the
+    rows are GPU kernels by self device time; on CPU (no kernels) operators by self CPU time.
+    Times are totals over the profiled steps and per step, in ms. Errors (OOM included) raise.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(cell.device)
+    try:
+        built = build_step(entry, model_config, cell, device)
+        for _ in range(cell.warmup):
+            built.step()
+        _sync(device)
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
+            for _ in range(cell.steps):
+                built.step()
+            _sync(device)
+        events = list(prof.key_averages())
+    finally:
+        free_memory(device)
+    on_device = device.type == "cuda"
+    if on_device:
+        kernels = [e for e in events if getattr(e, "device_type", None) is not None
+                   and e.device_type != torch.autograd.DeviceType.CPU]
+        events = kernels or [e for e in events if _self_device_us(e) > 0]
+        self_us = _self_device_us
+        what = "GPU kernels by self device time"
+    else:
+        def self_us(e: Any) -> float:
+            return float(e.self_cpu_time_total)
+        what = "operators by self CPU time (no device kernels on CPU)"
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    rows = [{"rank": i + 1, "name": e.key, "calls": int(e.count),
+             "self_ms_total": self_us(e) / 1e3, "self_ms_per_step": self_us(e) / 1e3 / cell.steps,
+             "self_pct": 100.0 * self_us(e) / total}
+            for i, e in enumerate(ranked)]
+    return rows, what
+
+
+def _self_device_us(event: Any) -> float:
+    value = getattr(event, "self_device_time_total", None)
+    if value is None:  # torch < 2.4 names it after CUDA
+        value = getattr(event, "self_cuda_time_total", 0.0)
+    return float(value or 0.0)
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -20,49 +20,80 @@ from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 DPI = 110
 
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*", "h")
 METRICS = {
     "ms_median": ("time per training step (ms, median)", "time"),
     "peak_mem_mib": ("peak allocated memory (MiB)", "memory"),
 }
 
 
-def plot_vs_length(frame: pd.DataFrame, out_dir: Path, title: str, stem: str = "") -> list[Path]:
+def plot_vs_length(frame: pd.DataFrame, out_dir: Path, title: str, stem: str = "",
+                   crossovers: dict[str, int] | None = None,
+                   reference: str = "transformer_sdpa") -> list[Path]:
     """Write ``<stem>time_vs_length.png`` and ``<stem>memory_vs_length.png``; return the paths.
 
     ``frame`` holds efficiency rows (model, seq_len, status, ms_median, peak_mem_mib). Cells that
     ran out of memory are drawn as a cross at the first failing length, on the top edge.
+    ``crossovers`` (model -> L from which it stays faster than ``reference``) are drawn on the
+    time plot as one dotted vertical line per length, labelled with the models.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     if frame.empty:
         return paths
+    models = sorted({str(m) for m in frame["model"]})
+    palette = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    style = {m: (palette(i % palette.N), MARKERS[i % len(MARKERS)]) for i, m in enumerate(models)}
     for column, (label, name) in METRICS.items():
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig, ax = plt.subplots(figsize=(6.4, 4.4) if len(models) <= 6 else (8.4, 4.6))
+        any_oom = False
         for model, rows in frame.groupby("model", sort=True):
+            color, marker = style[str(model)]
             rows = rows.sort_values("seq_len")
             ok = rows[rows["status"] == "ok"]
             line = None
             if not ok.empty and column in ok:
-                (line,) = ax.plot(ok["seq_len"], ok[column], marker="o", label=str(model))
+                (line,) = ax.plot(ok["seq_len"], ok[column], marker=marker, color=color,
+                                  label=str(model))
             failed = rows[rows["status"] == "oom"]
             if not failed.empty:
-                color = line.get_color() if line is not None else None
+                any_oom = True
                 ax.scatter(failed["seq_len"].min(), 1.0, marker="x", s=60, color=color,
                            transform=ax.get_xaxis_transform(), clip_on=False,
                            label=f"{model} OOM" if line is None else None)
+        if any_oom:  # a legend entry saying what the crosses on the top edge are
+            ax.scatter([], [], marker="x", color="0.3", label="× on top: first OOM length")
+        if crossovers and name == "time":
+            _mark_crossovers(ax, crossovers, reference)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(label)
         ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)  # long group names
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(models) <= 6:
+            ax.legend(fontsize=7)
+        else:  # many lines: the legend beside the axes, not over the curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out_dir / f"{stem}{name}_vs_length.png"
         fig.savefig(path, dpi=DPI)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _mark_crossovers(ax: plt.Axes, crossovers: dict[str, int], reference: str) -> None:
+    """One dotted line per crossover length, named by its models (legend says what it is)."""
+    by_length: dict[int, list[str]] = {}
+    for model, length in sorted(crossovers.items()):
+        by_length.setdefault(int(length), []).append(model)
+    for i, (length, models) in enumerate(sorted(by_length.items())):
+        ax.axvline(length, color="0.35", linestyle=":", linewidth=1.2,
+                   label=f"crossover: faster than {reference} from here" if i == 0 else None)
+        ax.text(length, 0.03, " " + ", ".join(models), transform=ax.get_xaxis_transform(),
+                rotation=90, fontsize=6.5, color="0.2", va="bottom", ha="right",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1})
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -11,6 +11,9 @@ models fits a small GPU budget — raise ``--steps`` for paper-scale runs.
     pathfinder-1k   pathfinder  1024    Pathfinder 32x32 pixels; batch 512, 200 epochs, lr 1e-3
     pathx-16k       pathfinder  16384   Path-X 128x128 pixels; batch 64, clip 1.0, lr 1e-3
     mqar-small      mqar        128     Zoology MQAR, 8 key-value pairs (not LRA)
+    mqar-1k         mqar        1024    Zoology MQAR, 32 key-value pairs (not LRA)
+    lm-bytes-16k    lm-bytes    16384   byte-level LM on the stdlib corpus (not LRA), also
+                                        tested at 64K (eval_seq_len); batch 8, 2k steps
 
 ListOps lengths are drawn in [500, 2000] as in the LRA release. Pathfinder's image side is the
 task option ``resolution`` (L = resolution²). Path-X uses batch 16 instead of LRA's 64 so that
@@ -51,6 +54,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": "mqar", "seq_len": 128, "task_options": {"n_pairs": 8},
         "batch": 64, "steps": 2000, "lr": 1e-3, "weight_decay": 0.1, "warmup_frac": 0.1,
         "clip": 1.0, "eval_every": 200, "eval_batches": 10,
+    },
+    # The accuracy issue's GPU setting: L = 1K with 32 pairs (Zoology's harder MQAR points).
+    "mqar-1k": {
+        "task": "mqar", "seq_len": 1024, "task_options": {"n_pairs": 32},
+        "batch": 64, "steps": 2000, "lr": 1e-3, "weight_decay": 0.1, "warmup_frac": 0.1,
+        "clip": 1.0, "eval_every": 200, "eval_batches": 10,
+    },
+    # 2000 steps x 8 x 16384 = 262M bytes per model (~12 passes over the 22 MB train split)
+    "lm-bytes-16k": {
+        "task": "lm-bytes", "seq_len": 16384, "eval_seq_len": 65536, "task_options": {},
+        "batch": 8, "steps": 2000, "lr": 1e-3, "weight_decay": 0.01, "warmup_frac": 0.05,
+        "clip": 1.0, "eval_every": 250, "eval_batches": 8,
     },
 }
 

@@ -1,7 +1,8 @@
 """results/REPORT.md and results/report.html from the store.
 
 Sections, in order: efficiency (tables with speed/memory ratios against the reference
-Transformers, plots vs length), training results (harness/report_train.py), ablation sweeps
+Transformers, plots vs length), training results (harness/report_train.py), byte-level language
+modelling (bits per byte by position, harness/report_lm.py), ablation sweeps
 (harness/report_ablation.py), optuna studies (harness/report_optuna.py), provenance of every row,
 and links to the committed reference runs. Both files are rendered from one list of blocks
 (harness/report_doc.py); report.html is self-contained (inline CSS, PNGs as data URIs).
@@ -30,6 +31,8 @@ from harness.report_doc import (
     render_markdown,
     table_markdown,
 )
+from harness.report_efficiency import efficiency_report
+from harness.report_lm import lm_sections
 from harness.report_optuna import optuna_sections
 from harness.report_train import load_runs, slug, training_sections
 from harness.store import Store
@@ -108,13 +111,14 @@ def build_report(store: Store, out_dir: Path) -> Path:
         blocks.append(Text("No efficiency rows in the store yet: run "
                            "`python run_bench.py efficiency`."))
     else:
-        blocks += efficiency_sections(frame, out_dir)
+        blocks += efficiency_report(frame, out_dir, efficiency_sections)  # + preset rows
     train = load_runs(store, "train")
     if train.empty:
         blocks.append(Text("No training rows in the store yet: run `python run_bench.py train` "
                            "or `python run_bench.py sweep`."))
     else:
         blocks += training_sections(train, out_dir)
+        blocks += lm_sections(store, out_dir)
     runs = [r for r in (train, load_runs(store, "efficiency")) if not r.empty]
     if runs:
         blocks += ablation_sections(pd.concat(runs, ignore_index=True), out_dir)

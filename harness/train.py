@@ -20,7 +20,17 @@ batches of the ``val`` split (``model.eval()``, no_grad, same autocast). Accurac
 positions whose target is not IGNORE_INDEX (for MQAR that is the standard per-query accuracy).
 Val/test data use the fixed seed ``EVAL_SEED`` so every training seed is scored on the same
 held-out examples. Model selection as in LRA: ``test_acc`` is the test accuracy of the weights
-with the best val accuracy (kept in memory); ``test_acc_final`` that of the last weights.
+with the best val accuracy (kept in memory); ``test_acc_final`` that of the last weights. A task
+with ``select_by = "loss"`` (the byte LM) selects the weights with the lowest val loss instead;
+``val_acc_best`` is then the val accuracy of those weights.
+``lm`` heads also sum the loss per window position; a task may turn those sums into metrics of
+its own (``Task.position_metrics``: bits per byte by position for ``lm-bytes``), stored prefixed
+``val_`` (last evaluation; scalars also on the curve) and ``test_`` (the selected weights).
+``eval_seq_len`` > 0 (and != seq_len): the selected weights are also scored on the test split of
+the task built at that length (``test_long_*``; batch = max(1, batch * seq_len // eval_seq_len),
+the same tokens per batch), e.g. bits per byte at 64K after training at 16K. A model that cannot
+run there (OOM, a length limit) leaves ``test_long_status``/``test_long_message`` and a warning;
+the cell stays ``ok``.
 
 Measured: ``tokens_per_s`` = batch·L summed over training steps / training wall time
 (evaluation excluded; data generation included, its share reported as ``data_s``). Peak memory:
@@ -39,11 +49,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
@@ -95,6 +107,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "fp32"  # "bf16": autocast
     time_limit_s: float = 0.0  # > 0: stop (and evaluate) once training has run this long
+    eval_seq_len: int = 0  # > 0: also test the selected weights at this length (docstring)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +122,7 @@ class TrainConfig:
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("test_batches", self.test_batches >= 0, ">= 0 (0 = whole split)"),
             ("time_limit_s", self.time_limit_s >= 0, ">= 0"),
+            ("eval_seq_len", self.eval_seq_len >= 0, ">= 0 (0 = seq_len only)"),
             ("dtype", self.dtype in TRAIN_DTYPES, f"one of {', '.join(TRAIN_DTYPES)}"),
             ("device", self.device.split(":")[0] in ("cpu", "cuda"), "cpu or cuda"),
         ]
@@ -117,7 +131,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be {expected}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not out["eval_seq_len"]:  # added later: cells without it keep their store keys
+            del out["eval_seq_len"]
+        return out
 
 
 class StopTraining(Exception):  # a signal to stop, not an error
@@ -147,6 +164,13 @@ def task_config(cfg: TrainConfig) -> TaskConfig:
 
 def build_task(cfg: TrainConfig) -> Task:
     return TASKS.build(cfg.task, task_config(cfg))
+
+
+def build_eval_task(cfg: TrainConfig) -> Task | None:
+    """The task at ``eval_seq_len`` (None when there is no longer evaluation)."""
+    if not cfg.eval_seq_len or cfg.eval_seq_len == cfg.seq_len:
+        return None
+    return TASKS.build(cfg.task, replace(task_config(cfg), seq_len=cfg.eval_seq_len))
 
 
 def model_config(cfg: TrainConfig, task: Task) -> tuple[Entry, ModelConfig]:
@@ -188,15 +212,29 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
+def _add_padded(total: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """total + values, the shorter zero-padded (lm batches may differ in length)."""
+    if total is None:
+        return values
+    if len(values) > len(total):
+        total, values = values, total
+    total[:len(values)] += values
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterator[Batch], max_batches: int,
-             device: torch.device, dtype: str) -> dict[str, float]:
-    """Mean cross-entropy (no aux loss) and accuracy over up to ``max_batches`` (0: all)."""
+             device: torch.device, dtype: str) -> dict[str, Any]:
+    """Mean cross-entropy (no aux loss) and accuracy over up to ``max_batches`` (0: all);
+    lm heads add ``position_loss``/``position_count``: (L,) float64 arrays, the summed nats and
+    the number of scored targets at each position."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
+    position_loss: torch.Tensor | None = None
+    position_count: torch.Tensor | None = None
     n_batches = 0
     try:
         for tokens, targets in batches:
@@ -204,10 +242,17 @@ def evaluate(model: torch.nn.Module, batches: Iterator[Batch], max_batches: int,
             with _autocast(device, dtype):
                 logits = model(tokens)
             logits = logits.float()
-            if logits.dim() == 3:  # lm: score every position
-                logits, targets = logits.flatten(0, 1), targets.flatten()
-            loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
-                                        reduction="sum")
+            if logits.dim() == 3:  # lm: score every position, summing per position too
+                per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                            ignore_index=IGNORE_INDEX, reduction="none")
+                per_token = per_token.view(targets.shape).double()
+                loss_sum += per_token.sum()
+                position_loss = _add_padded(position_loss, per_token.sum(0))
+                position_count = _add_padded(position_count,
+                                             (targets != IGNORE_INDEX).sum(0).double())
+            else:
+                loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
             hits, scored = correct_and_count(logits, targets)
             correct += hits
             count += scored
@@ -219,7 +264,46 @@ def evaluate(model: torch.nn.Module, batches: Iterator[Batch], max_batches: int,
     total = int(count.item())
     if total == 0:
         raise ValueError("evaluation split yielded no targets")
-    return {"loss": loss_sum.item() / total, "acc": correct.item() / total, "targets": total}
+    result: dict[str, Any] = {"loss": loss_sum.item() / total, "acc": correct.item() / total,
+                              "targets": total}
+    if position_loss is not None and position_count is not None:
+        result.update(position_loss=position_loss.cpu().numpy(),
+                      position_count=position_count.cpu().numpy())
+    return result
+
+
+def task_scores(task: Task, result: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The task's ``position_metrics`` of an evaluation, keys prefixed (none for cls heads)."""
+    if "position_loss" not in result:
+        return {}
+    scores = task.position_metrics(np.asarray(result["position_loss"]),
+                                   np.asarray(result["position_count"]))
+    return {f"{prefix}{k}": v for k, v in scores.items()}
+
+
+def _long_eval(cfg: TrainConfig, task: Task, model: torch.nn.Module,
+               device: torch.device) -> dict[str, Any]:
+    """The current weights on ``task`` (at eval_seq_len)'s test split (module docstring)."""
+    out: dict[str, Any] = {"eval_seq_len": cfg.eval_seq_len}
+    batch = max(1, cfg.batch * cfg.seq_len // cfg.eval_seq_len)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        result = evaluate(model, task.batches("test", batch, EVAL_SEED), cfg.test_batches,
+                          device, cfg.dtype)
+    except Exception as exc:  # noqa: BLE001 - the trained cell stays ok; the failure is recorded
+        status = "oom" if is_oom(exc) else "error"
+        message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        free_memory(device)
+        warnings.warn(f"test at eval_seq_len={cfg.eval_seq_len} failed ({status}): {message}",
+                      stacklevel=2)
+        return {**out, "test_long_status": status, "test_long_message": message}
+    out.update(test_long_status="ok", test_long_loss=result["loss"],
+               test_long_acc=result["acc"], test_long_targets=result["targets"],
+               test_long_batch=batch, **task_scores(task, result, "test_long_"))
+    if device.type == "cuda":
+        out["test_long_peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 # -- the per-step log ---------------------------------------------------------------------------
@@ -334,6 +418,7 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
     task = task if task is not None else build_task(cfg)
     entry, model_cfg = model_config(cfg, task)
+    long_task = build_eval_task(cfg)  # a bad eval_seq_len fails here, before training
     here, device = distributed.setup(device, cfg.batch)
     torch.manual_seed(cfg.seed)
     model = entry.build(model_cfg).to(device)
@@ -350,7 +435,7 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
     model.train()
 
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
-    best: dict[str, Any] = {"acc": -1.0, "step": 0, "state": None}
+    best: dict[str, Any] = {"score": -math.inf, "acc": -1.0, "step": 0, "state": None}
     last_eval: dict[str, float] = {}
     stats: dict[str, Any] = {}
     train_s = data_s = 0.0
@@ -390,10 +475,13 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         stats = _summarise_stats(model.layer_stats())  # of the last training forward
         val_iter = task.batches("val", cfg.batch, EVAL_SEED)
         last_eval = evaluate(model, val_iter, cfg.eval_batches, device, cfg.dtype)
-        log.add_eval(step, last_eval, stats)
-        if last_eval["acc"] > best["acc"]:
+        curve_scores = {k: v for k, v in task_scores(task, last_eval, "val_").items()
+                        if isinstance(v, int | float)}
+        log.add_eval(step, last_eval, {**stats, **curve_scores})
+        score = -last_eval["loss"] if task.select_by == "loss" else last_eval["acc"]
+        if score > best["score"]:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best = {"acc": last_eval["acc"], "step": step, "state": state}
+            best = {"score": score, "acc": last_eval["acc"], "step": step, "state": state}
         if stopped_early:
             break
         segment_start = time.perf_counter()
@@ -407,6 +495,7 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         model.load_state_dict(best["state"])
         test_best = evaluate(model, task.batches("test", cfg.batch, EVAL_SEED),
                              cfg.test_batches, device, cfg.dtype)
+    long_scores = _long_eval(cfg, long_task, model, device) if long_task is not None else {}
 
     metrics: dict[str, Any] = {
         **log.static,
@@ -415,6 +504,7 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         "final_train_loss": sum(log.recent) / len(log.recent),
         "val_acc_best": best["acc"],
         "best_step": best["step"],
+        "selected_by": f"val_{task.select_by}",
         "val_acc_final": last_eval["acc"],
         "val_loss_final": last_eval["loss"],
         "val_targets": last_eval["targets"],
@@ -429,6 +519,9 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         "peak_mem_mib": peak_bytes / 2**20,
         "peak_mem_method": method,
         "curve": log.curve,
+        **task_scores(task, last_eval, "val_"),
+        **task_scores(task, test_best, "test_"),
+        **long_scores,
     }
     metrics.update(stats)
     return metrics

@@ -66,7 +66,9 @@ class VectorQuantizer(nn.Module):
         dead_code_threshold: restart codes whose EMA count is below this (None: never).
         init_scale: codebook init is ``init_scale * randn``.
         init_from_batch: if True, the first training forward replaces the codebook by distinct
-            random keys of that batch (k-means-style data init); a buffer remembers it was done.
+            random keys of that batch (k-means-style data init) after quantising that batch with
+            the starting codebook (so no position's code depends on later keys); a buffer
+            remembers it was done.
         seed: seeds the random codebook init (None: torch's default generator).
         distance_chunk: positions per chunk for the distance/argmin (None: all at once); bounds
             the (B, H, chunk, S) distance tensor.
@@ -155,8 +157,9 @@ class VectorQuantizer(nn.Module):
         # Keys for the EMA and sampling: float32, no graph, (H, B*L, dim) / weights (B*L,).
         flat = k.detach().float().transpose(0, 1).reshape(heads, bsz * length, dim)
         weights = valid.reshape(-1).float()
-        if update and self.init_from_batch and not bool(self.initialised):
-            self._init_from(flat, weights, generator)
+        # Data init happens after this batch is quantised: codes built from the batch's own keys
+        # would let a causal model's early positions see later ones on its first step.
+        init_now = update and self.init_from_batch and not bool(self.initialised)
 
         codebook = self.codebook.float()
         codes = self.nearest(k)
@@ -170,8 +173,11 @@ class VectorQuantizer(nn.Module):
         flat_codes = codes.transpose(0, 1).reshape(heads, -1)
         counts = torch.zeros(heads, self.codebook_size, device=k.device)
         counts.scatter_add_(1, flat_codes, weights.expand(heads, -1).contiguous())
-        if update:
+        if init_now:
             codebook = codebook.clone()  # the returned snapshot must survive the update
+            self._init_from(flat, weights, generator)
+        elif update:
+            codebook = codebook.clone()
             self._ema_update(flat, flat_codes, weights, counts, generator)
 
         stats: dict[str, float] = {}

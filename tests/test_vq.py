@@ -151,12 +151,14 @@ def test_init_from_batch_and_seed() -> None:
     k = torch.randn(2, 2, 12, 4)
     vq(k, update=False)  # no training step, no init
     assert not bool(vq.initialised)
+    start = vq.codebook.clone()
     out = vq(k)
     assert bool(vq.initialised)
+    assert torch.equal(out.codebook, start)  # this batch was quantised with the start codebook
     for h in range(2):
         keys = k[:, h].reshape(-1, 4)
-        match = torch.cdist(out.codebook[h], keys).min(-1).values
-        assert (match < 1e-6).all() and torch.unique(out.codebook[h], dim=0).size(0) == 8
+        match = torch.cdist(vq.codebook[h], keys).min(-1).values
+        assert (match < 1e-6).all() and torch.unique(vq.codebook[h], dim=0).size(0) == 8
     frozen = vq.codebook.clone()
     vq.eval()(torch.randn(2, 2, 12, 4))
     assert torch.equal(vq.codebook, frozen)

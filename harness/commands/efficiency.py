@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -19,40 +20,98 @@ from harness.cli_args import (
 )
 from harness.registry import REGISTRY
 
+if TYPE_CHECKING:
+    from harness.efficiency_presets import EfficiencyPreset
+
 
 class FailFast(Exception):
     """--fail-fast: a cell run by this command ended with a status other than ok."""
 
 
+@dataclass
+class Settings:
+    """What the command will run, from the flags and the preset (if any)."""
+
+    shapes: list[tuple[int, int]]  # (seq_len, batch) of every cell, per model
+    overrides: dict[str, Any]  # model-config fields for every entry that has them
+    warmup: int
+    steps: int
+    max_step_s: float | None
+    skip_after_failure: bool
+    preset: EfficiencyPreset | None
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Flags + preset -> settings; explicit --warmup/--steps/--max-step-s/--skip-after-oom win,
+    --lengths/--batch cannot be combined with a preset (it fixes the shapes)."""
+    from harness.efficiency_presets import get_efficiency_preset
+    from harness.runner import QUICK_BACKBONE
+
+    preset = get_efficiency_preset(args.preset, quick=args.quick) if args.preset else None
+    if preset is not None:
+        for flag, value in (("--lengths", args.lengths), ("--batch", args.batch)):
+            if value is not None:
+                raise UsageError(f"{flag} {value!r} cannot be combined with --preset "
+                                 f"{preset.name}: the preset fixes lengths and batch "
+                                 "(run without --preset for other shapes)")
+        settings = Settings(preset.shapes(), dict(preset.backbone), preset.warmup, preset.steps,
+                            preset.max_step_s, preset.skip_after_failure, preset)
+    else:
+        lengths = parse_int_list(args.lengths or "1024,2048,4096", "--lengths")
+        batches = parse_int_list(args.batch or "4", "--batch")
+        settings = Settings([(seq_len, batch) for seq_len in lengths for batch in batches],
+                            dict(QUICK_BACKBONE) if args.quick else {}, 3,
+                            3 if args.quick else 10, None, False, None)
+    settings.overrides.update(parse_assignments(args.set or [], "--set"))
+    if args.warmup is not None:
+        settings.warmup = args.warmup
+    if args.steps is not None:
+        settings.steps = args.steps
+    for flag, value in (("--warmup", settings.warmup), ("--steps", settings.steps)):
+        if value < 1:
+            raise UsageError(f"{flag}: {value} must be >= 1")
+    if args.max_step_s is not None:
+        if args.max_step_s <= 0:
+            raise UsageError(f"--max-step-s: {args.max_step_s} must be > 0")
+        settings.max_step_s = args.max_step_s
+    if args.skip_after_oom is not None:
+        settings.skip_after_failure = args.skip_after_oom
+    return settings
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
 
-    from harness.runner import QUICK_BACKBONE, plan_cells, results_frame, run_cells
+    from harness.runner import plan_shapes, results_frame, run_cells
     from harness.store import Store
 
+    settings = resolve_settings(args)
+    preset = settings.preset
     entries = REGISTRY.resolve(args.models.split(","))
     if not entries:
         raise UsageError("--models: no model named")
-    lengths = parse_int_list(args.lengths, "--lengths")
-    batches = parse_int_list(args.batch, "--batch")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    overrides: dict[str, Any] = dict(QUICK_BACKBONE) if args.quick else {}
-    overrides.update(parse_assignments(args.set or [], "--set"))
-    warmup = args.warmup if args.warmup is not None else 3
-    steps = args.steps if args.steps is not None else (3 if args.quick else 10)
-    for flag, value in (("--warmup", warmup), ("--steps", steps)):
-        if value < 1:
-            raise UsageError(f"{flag}: {value} must be >= 1")
+    shapes = settings.shapes
+    if args.profile:  # one model at one shape: the preset's profile length, else the first
+        entries = [REGISTRY.get(args.profile)]
+        length = preset.profile_len if preset is not None else shapes[0][0]
+        shapes = [(length, preset.batch_for(length))] if preset is not None else shapes[:1]
     try:
-        planned = plan_cells(
-            entries, lengths, batches, device, dtype, overrides, warmup, steps, args.seed
-        )
+        planned = plan_shapes(entries, shapes, device, dtype, settings.overrides,
+                              settings.warmup, settings.steps, args.seed, compile=args.compile,
+                              preset=preset.name if preset else "",
+                              max_step_s=settings.max_step_s)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.profile:
+        return run_profile(planned[0], Path(args.out) if args.out else None, console)
     store = Store(args.store)
     console.print(
-        f"[bold]efficiency[/bold]: {len(planned)} cells on {device} ({dtype}), store {store.url}"
+        f"[bold]efficiency[/bold]: {len(planned)} cells on {device} ({dtype}"
+        f"{', torch.compile' if args.compile else ''}), store {store.url}"
     )
+    if preset is not None:
+        announce_preset(settings, args, console)
     with progress_bar(console) as progress:
         task = progress.add_task("cells", total=len(planned))
 
@@ -75,7 +134,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 raise FailFast(f"{label}: {record.status} {record.message[:200]}")
 
         try:
-            run_cells(planned, store, force=args.force, on_cell=on_cell)
+            run_cells(planned, store, force=args.force, on_cell=on_cell,
+                      skip_after_failure=settings.skip_after_failure)
         except KeyboardInterrupt:
             done = sum(store.is_finished(p.key) for p in planned)
             console.print(
@@ -87,9 +147,97 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]stopped (--fail-fast)[/red]: {exc}")
             return 1
     frame = results_frame(store, planned)
+    if preset is not None:
+        print_preset(frame, preset.name, Path(args.out) if args.out else None, console)
+        return 0
     print_efficiency_table(frame, console)
     if args.out:
         write_outputs(frame, Path(args.out), console)
+    return 0
+
+
+def announce_preset(settings: Settings, args: argparse.Namespace, console: Console) -> None:
+    preset = settings.preset
+    assert preset is not None
+    limit = settings.max_step_s
+    console.print(f"preset [bold]{preset.name}[/bold]{' (--quick)' if args.quick else ''}: "
+                  f"{preset.description}")
+    console.print(f"  backbone: {preset.describe_backbone()}"
+                  + (f"; --set {' '.join(args.set)}" if args.set else ""))
+    console.print(f"  lengths {', '.join(str(length) for length, _ in settings.shapes)}; "
+                  f"{settings.warmup} warm-up + {settings.steps} timed steps per cell"
+                  + (f"; skip longer L after an oom{' / too-slow' if limit else ''}"
+                     if settings.skip_after_failure else "")
+                  + (f"; warm-up step limit {limit:g} s" if limit else ""))
+
+
+def rich_table(block, title: str = "", drop_uniform: tuple[str, ...] = ()) -> Table:
+    """A report Table block as a rich table (first column left-aligned, the rest right).
+
+    Columns named in ``drop_uniform`` are left out when every row has the same value (the
+    backbone line above the table states it); two-word ratio headers break after the ×.
+    """
+    keep = [i for i, name in enumerate(block.header)
+            if name not in drop_uniform or len({row[i] for row in block.rows}) > 1]
+    table = Table(title=title or None, caption=block.caption or None)
+    for i in keep:
+        column = block.header[i].replace("× ", "×\n")
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i < 2)
+    for row in block.rows:
+        table.add_row(*(row[i] for i in keep))
+    return table
+
+
+def print_preset(frame, name: str, out_dir: Path | None, console: Console) -> None:
+    """Print the paper-format table (and for several lengths: crossovers, growth, plots);
+    with ``out_dir``: efficiency.csv (all columns), NAME.csv (the table's numbers), NAME.md."""
+    from harness.report_doc import Images, Text
+    from harness.report_doc import Table as TableBlock
+    from harness.report_efficiency import crossovers, preset_blocks, write_preset_files
+
+    if frame.empty:
+        return
+    title = f"efficiency preset {name} on {frame['device'].iloc[0]}"
+    blocks = preset_blocks(frame, out_dir, "", f"{name}_", title)
+    for block in blocks:
+        if isinstance(block, TableBlock):
+            console.print(rich_table(block, drop_uniform=("head", "compile")))
+        elif isinstance(block, Text):
+            console.print(block.text)
+        elif isinstance(block, Images):
+            console.print("plots: " + ", ".join(str(i.path) for i in block.images))
+    if frame["seq_len"].nunique() > 1:
+        for model, length in crossovers(frame).items():
+            where = (f"faster from L={length} on" if length is not None
+                     else "none (not faster through the longest measured L)")
+            console.print(f"  crossover with transformer_sdpa: {model} {where}")
+    if out_dir is not None:
+        paths = write_preset_files(frame, name, out_dir, blocks)
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def run_profile(planned, out_dir: Path | None, console: Console) -> int:
+    """--profile MODEL: torch.profiler over the cell's timed steps; top-20 table (no store row)."""
+    from harness.measure import is_oom, profile_cell
+    from harness.report_efficiency import profile_table, write_profile_files
+
+    cell = planned.cell
+    label = f"{cell.model} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
+        " compiled" if cell.compile else "")
+    console.print(f"[bold]profile[/bold] {label} on {cell.device}: {cell.warmup} warm-up, "
+                  f"{cell.steps} profiled training steps")
+    try:
+        rows, what = profile_cell(planned.entry, planned.model_config, cell, top=20)
+    except Exception as exc:  # noqa: BLE001 - reported as one line, like a cell's status
+        status = "oom" if is_oom(exc) else "error"
+        console.print(f"[red]profile {status}[/red]: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        return 1
+    block = profile_table(rows, f"top {len(rows)} {what}, {label}, {cell.steps} steps")
+    console.print(rich_table(block))
+    if out_dir is not None:
+        paths = write_profile_files(rows, block, out_dir / f"profile_{cell.model}_L{cell.seq_len}")
+        console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -162,10 +310,41 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p_eff.add_argument(
         "--lengths",
-        default="1024,2048,4096",
+        default=None,
         help="comma-separated sequence lengths (1k = 1024), default 1024,2048,4096",
     )
-    p_eff.add_argument("--batch", default="4", help="comma-separated batch sizes (default 4)")
+    p_eff.add_argument("--batch", default=None, help="comma-separated batch sizes (default 4)")
+    p_eff.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="a named table (harness/efficiency_presets.py): paper-text4k (L=4096, byte vocab, "
+        "classification, batch 8: speed x / memory x vs transformer_vanilla and "
+        "transformer_sdpa) or scaling (L=1K..64K at 64K tokens per step: log-log plots, "
+        "crossover with transformer_sdpa, time growth 8K->64K); fixes lengths, batch and "
+        "backbone; with --quick a CPU-sized version",
+    )
+    p_eff.add_argument(
+        "--compile", action="store_true",
+        help="wrap each model in torch.compile (recorded per row as compile; default off)",
+    )
+    p_eff.add_argument(
+        "--profile", default=None, metavar="MODEL",
+        help="instead of the sweep: torch.profiler over a few training steps of MODEL (at the "
+        "preset's profile length, else the first --lengths/--batch) and the top-20 kernels by "
+        "self device time (self CPU time on CPU); with --out: profile_MODEL_L<L>.{md,csv}",
+    )
+    p_eff.add_argument(
+        "--skip-after-oom", dest="skip_after_oom", action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after a model runs out of memory (or is too slow) at some L, record its longer "
+        "lengths as oom / skipped-after-oom without running them (default: on with --preset)",
+    )
+    p_eff.add_argument(
+        "--max-step-s", dest="max_step_s", type=float, default=None,
+        help="a warm-up step (after the first) slower than this ends the cell as error "
+        "'too-slow' (default: the preset's, 10 s / 5 s on the GPU presets; else none)",
+    )
     p_eff.add_argument(
         "--dtype",
         default="auto",
@@ -184,7 +363,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--quick",
         action="store_true",
         help="small backbone (d_model=64, 2 layers, FFN 128, 4 heads) and 3 "
-        "timed steps: a CPU smoke run",
+        "timed steps: a CPU smoke run (with --preset: the preset's CPU-sized version)",
     )
     p_eff.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (3)")
     p_eff.add_argument(
@@ -198,6 +377,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="stop at the first cell whose status is not ok (exit code 1)",
     )
     p_eff.add_argument(
-        "--out", default=None, help="folder for efficiency.csv and time/memory-vs-length PNG plots"
+        "--out", default=None,
+        help="folder for efficiency.csv and time/memory-vs-length PNG plots (with --preset: "
+        "also NAME.csv and NAME.md in the paper's format)",
     )
     p_eff.set_defaults(func=run)

@@ -27,10 +27,14 @@ def build_specs(args: argparse.Namespace):
     from harness.sweep import SweepSpec, load_sweep_file, parse_grid
 
     specs = []
+    base = fixed_values(args)
     for path in args.files or []:
-        specs.extend(load_sweep_file(Path(path)))
+        for spec in load_sweep_file(Path(path)):
+            # --set / --task-opt override a file's fixed values (e.g. a shorter --set steps=300
+            # budget for the paper sweeps); a field the file grids over stays gridded.
+            spec.base.update({k: v for k, v in base.items() if k not in spec.grid})
+            specs.append(spec)
     if args.grid:
-        base = fixed_values(args)
         grid = parse_grid(args.grid)
         name = args.name or "cli-" + "-".join(sorted(grid))
         specs.append(SweepSpec(name=name, kind=args.kind, model=args.model, task=args.task,
@@ -184,7 +188,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--task", default=None, help="task of train cells (mqar, listops, text, ...)")
     p.add_argument("--preset", default=None, help="task preset of train cells (see `train`)")
     p.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
-                   help="fixed values for every cell (routed like grid fields)")
+                   help="fixed values for every cell (routed like grid fields); with sweep "
+                        "files they override the files' base values, e.g. --set steps=300")
     p.add_argument("--task-opt", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="fixed task options")
     p.add_argument("--name", default=None, help="sweep name (default: from the grid fields)")

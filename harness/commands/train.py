@@ -24,7 +24,7 @@ from harness.cli_args import (
 DEFAULT_SEQ_LEN = 512
 # flag dest -> TrainConfig field, for the flags that default to None (= not given)
 FLAG_FIELDS = ("task", "seq_len", "steps", "batch", "lr", "weight_decay", "warmup_frac", "clip",
-               "eval_every", "eval_batches", "test_batches", "time_limit_s")
+               "eval_every", "eval_batches", "test_batches", "time_limit_s", "eval_seq_len")
 
 
 def build_config(args: argparse.Namespace):
@@ -80,12 +80,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return launch_processes(args, console)
     from harness import distributed
     from harness.store import Store
-    from harness.train import build_task, model_config
+    from harness.train import build_eval_task, build_task, model_config
     from harness.train_runner import run_train, stored_result, write_outputs
 
     cfg = build_config(args)
     task = build_task(cfg)  # bad task options / model fields fail here, before any output
     model_config(cfg, task)
+    build_eval_task(cfg)
     store = Store(args.store)
     label = f"{cfg.model} on {cfg.task} L={cfg.seq_len}"
     console.print(f"[bold]train[/bold]: {label}, {cfg.steps} steps x batch {cfg.batch}, "
@@ -147,6 +148,7 @@ def print_summary(cfg, status: str, message: str, result: dict[str, Any],
         ("test acc (final weights)", num("test_acc_final", ".4f")),
         ("tokens/s (training)", num("tokens_per_s", ",.0f")),
         ("peak memory MiB", num("peak_mem_mib", ".1f")),
+        *bpb_rows(result),
         ("params", num("params", ",")),
         ("backend", str(result.get("backend", "-"))),
         ("wall s", num("wall_s", ".1f")),
@@ -154,6 +156,20 @@ def print_summary(cfg, status: str, message: str, result: dict[str, Any],
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def bpb_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Bits per byte (overall, then by position bucket) of the byte-LM task's evaluations."""
+    rows = []
+    for prefix, name in (("val_", "val"), ("test_", "test"),
+                         ("test_long_", f"test at L={result.get('eval_seq_len')}")):
+        if f"{prefix}bpb" in result:
+            buckets = result.get(f"{prefix}bpb_buckets", {})
+            rows.append((f"{name} bits per byte", f"{result[f'{prefix}bpb']:.4f}" + "".join(
+                f"  [{label}: {value:.3f}]" for label, value in buckets.items())))
+        elif result.get(f"{prefix}status") not in (None, "ok"):
+            rows.append((name, f"{result[f'{prefix}status']}: {result[f'{prefix}message']}"))
+    return rows
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -187,6 +203,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="test batches at the end, 0 = the whole test split (0)")
     p.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
                    help="seconds after which training stops early and evaluates (0 = none)")
+    p.add_argument("--eval-seq-len", dest="eval_seq_len", type=int, default=None,
+                   help="also test the selected weights at this length, e.g. 65536 after "
+                   "training at 16384 (0 = no)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast dtype (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE",

@@ -13,6 +13,12 @@ Contract (what harness/train.py relies on):
   for ``train`` and once over a fixed set for ``val``/``test``; the same seed gives the same data.
 - Sequences of one batch have the same length L <= ``config.seq_len``; the token
   ``task.pad_id`` (if not None) pads shorter sequences.
+- ``task.select_by``: ``"acc"`` (default) or ``"loss"``, the val metric that selects the weights
+  scored on the test split.
+- ``task.position_metrics(position_loss, position_count)`` (``lm`` heads, optional): extra
+  metrics of one evaluation from the summed cross-entropy (nats) and the number of scored
+  targets at each window position, both (L,) float64 arrays — e.g. bits per byte by position
+  for the byte LM. harness/train.py stores them prefixed ``val_``/``test_``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -49,12 +56,18 @@ class Task:
     vocab_size: int = 256
     n_classes: int = 2
     pad_id: int | None = None
+    select_by: str = "acc"  # val metric picking the tested weights: "acc" (max) | "loss" (min)
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
 
     def batches(self, split: str, batch_size: int, seed: int) -> Iterator[Batch]:
         raise NotImplementedError
+
+    def position_metrics(self, position_loss: np.ndarray,
+                         position_count: np.ndarray) -> dict[str, Any]:
+        """Task-specific metrics of an lm-head evaluation (see the module docstring); none."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """What the store records about the task (name, head, sizes, options)."""

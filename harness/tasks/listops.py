@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ import torch
 
 from harness.tasks import Batch, Task, TaskConfig, register_task
 from harness.tasks._common import SPLITS, check_split, index_batches, parse_options
+from harness.tasks._disk_cache import load_or_build
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -279,11 +280,21 @@ class ListOpsTask(Task):
     def _data(self, split: str, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
         key = (split, seed if split == "train" and self.data_dir is None else 0)
         if key not in self._cache:
-            rows = self.examples(split, seed)
-            limit = self.config.seq_len
-            tokens = [np.asarray(tokenize(s, self.opts.close_token)[:limit], dtype=np.uint8)
-                      for s, _ in rows]
-            self._cache[key] = tokens, np.asarray([t for _, t in rows], dtype=np.int64)
+            def build() -> tuple[list[np.ndarray], np.ndarray]:
+                rows = self.examples(split, seed)
+                limit = self.config.seq_len
+                tokens = [np.asarray(tokenize(s, self.opts.close_token)[:limit], dtype=np.uint8)
+                          for s, _ in rows]
+                return tokens, np.asarray([t for _, t in rows], dtype=np.int64)
+
+            if self.data_dir is not None:  # files: reading them is fast, and they may change
+                self._cache[key] = build()
+            else:  # generated: everything the draw depends on keys the on-disk cache
+                params = {"task": "listops", "split": split, "seed": key[1],
+                          "seq_len": self.config.seq_len, "n_train": self.config.n_train,
+                          "n_val": self.config.n_val, "n_test": self.config.n_test,
+                          "options": asdict(self.opts)}
+                self._cache[key] = load_or_build(params, build)
         return self._cache[key]
 
     def batches(self, split: str, batch_size: int, seed: int) -> Iterator[Batch]:
