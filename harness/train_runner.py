@@ -35,8 +35,11 @@ CURVE_COLUMNS = ["step", "train_loss", "grad_norm", "lr", "val_loss", "val_acc"]
 
 
 def _key(cfg: TrainConfig, model_cfg: ModelConfig, task: Task, device_label: str) -> str:
-    return config_hash({"kind": "train", "train": cfg.to_dict(), "model_config":
-                        model_cfg.to_dict(), "task": task.describe(), "device_name": device_label})
+    # The resolved model config keys the cell, not the overrides that produced it: a sweep that
+    # spells out a default (attn_fn=softmax) or a string ("512" from the CLI) is the same cell.
+    train = {k: v for k, v in cfg.to_dict().items() if k != "model_overrides"}
+    return config_hash({"kind": "train", "train": train, "model_config": model_cfg.to_dict(),
+                        "task": task.describe(), "device_name": device_label})
 
 
 def train_cell_key(cfg: TrainConfig, device_label: str, task: Task | None = None) -> str:

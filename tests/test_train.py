@@ -231,6 +231,15 @@ def test_store_one_row_and_rerun_skips(tmp_path):
         assert train_cell_key(tiny(steps=10, eval_every=5, seed=1), "x") != train_cell_key(cfg, "x")
 
 
+def test_key_is_the_resolved_config_not_the_overrides():
+    cfg = tiny(steps=10)
+    spelled = tiny(steps=10, model_overrides={**TINY, "dropout": 0.0,
+                                              "d_model": str(TINY["d_model"])})
+    assert train_cell_key(spelled, "x") == train_cell_key(cfg, "x")  # a default, a string
+    changed = tiny(steps=10, model_overrides={**TINY, "dropout": 0.1})
+    assert train_cell_key(changed, "x") != train_cell_key(cfg, "x")
+
+
 def test_interrupt_writes_interrupted_row_and_rerun_trains(tmp_path, monkeypatch):
     real = SequenceModel.forward
     calls = {"n": 0}
