@@ -22,7 +22,7 @@ from harness.backbone import PreNormBlock, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
 from models.vq import VectorQuantizer
-from models.vq_attention import vq_attention
+from models.vq_attention import IMPLS, resolve_impl, vq_attention
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TransformerVQConfig(ModelConfig):
     attn_fn: str = "softmax"  # softmax | laplace
     commitment: float = 1e-3
     vq_decay: float = 0.99
-    attn_impl: str = "linear"  # linear | naive
+    attn_impl: str = "auto"  # auto (triton on CUDA, else linear) | linear | naive | triton
     key_grad: str = "ste"  # ste (every query) | window (Lingle's: only the exact local blocks)
 
     def validate(self) -> None:
@@ -41,8 +41,8 @@ class TransformerVQConfig(ModelConfig):
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attn_fn not in ("softmax", "laplace"):
             raise ValueError(f"attn_fn={self.attn_fn!r}; choose softmax or laplace")
-        if self.attn_impl not in ("linear", "naive"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}; choose linear or naive")
+        if self.attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r}; choose one of {', '.join(IMPLS)}")
         if self.key_grad not in ("ste", "window"):
             raise ValueError(f"key_grad={self.key_grad!r}; choose ste or window")
 
@@ -59,7 +59,7 @@ class VQSelfAttention(nn.Module):
                                          decay=cfg.vq_decay, commitment=cfg.commitment)
         self.rel_bias = (nn.Parameter(torch.empty(2 * cfg.window - 1).normal_(0.0, 0.02))
                          if cfg.local_bias else None)
-        self.backend = f"vq-{cfg.attn_impl}"
+        self.backend = f"vq-{'linear' if cfg.attn_impl == 'auto' else cfg.attn_impl}"
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, float] = {}
 
@@ -68,9 +68,11 @@ class VQSelfAttention(nn.Module):
         qkv = self.qkv(x).view(batch, length, 3, self.n_heads, width // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D)
         quantized = self.quantizer(k)
+        impl = resolve_impl(self.cfg.attn_impl, q)
+        self.backend = f"vq-{impl}"
         o = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
                          self.rel_bias, attn_fn=self.cfg.attn_fn, causal=self.cfg.causal,
-                         window=self.cfg.window, impl=self.cfg.attn_impl,
+                         window=self.cfg.window, impl=impl,
                          key_grad=self.cfg.key_grad)
         self.aux_loss = quantized.commit_loss
         self.last_stats = {"codebook_utilisation": quantized.utilisation,

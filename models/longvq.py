@@ -25,8 +25,10 @@ added to the task loss. Ablation fields (each changes the computation; tests pro
 ablation), ``gate`` (off: no attention gate Ga and no output gate Go, Y = X + H — the "no SSM
 gate" ablation, since both gates are computed from the SSM output).
 
-``attn_impl`` picks the VQ attention op: ``linear`` (default, O(L·(S+W)·D), custom backward with
-full straight-through key gradients) or ``naive`` (materialises the L×L matrix: the oracle).
+``attn_impl`` picks the VQ attention op: ``auto`` (default: ``triton`` on CUDA when triton
+imports, else ``linear``), ``linear`` (O(L·(S+W)·D) torch, custom backward with full
+straight-through key gradients), ``triton`` (fused kernels, CUDA) or ``naive`` (materialises the
+L×L matrix: the oracle). ``backend`` records the one that ran (``...+vq-triton``).
 ``key_grad``: ``ste`` (default, dK = dK̂ from every query) or ``window`` (Transformer-VQ's
 semantics: keys get gradient only from the queries of their exact local blocks).
 """
@@ -44,11 +46,11 @@ from harness.config import ModelConfig
 from harness.registry import register
 from models.ssm import build_memory
 from models.vq import VectorQuantizer
-from models.vq_attention import vq_attention, vq_attention_naive
+from models.vq_attention import resolve_impl, vq_attention, vq_attention_naive
 
 ATTN_FNS = ("softmax", "laplace")
 MEMORIES = ("s4d", "ema")
-ATTN_IMPLS = ("linear", "naive")
+ATTN_IMPLS = ("auto", "linear", "naive", "triton")
 KEY_GRADS = ("ste", "window")
 
 
@@ -70,7 +72,7 @@ class LongVQConfig(ModelConfig):
     vq_decay: float = 0.99  # EMA k-means decay
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this (0: never)
     codebook_init: str = "batch"  # batch: codes copied from the first training batch's keys
-    attn_impl: str = "linear"  # linear | naive
+    attn_impl: str = "auto"  # auto (triton on CUDA, else linear) | linear | naive | triton
     key_grad: str = "ste"  # ste (every query) | window (only the exact local blocks)
 
     def validate(self) -> None:
@@ -134,7 +136,9 @@ class LongVQLayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, float] = {}
         memory_backend = "ssm-fft" if cfg.ssm == "s4d" else "ema-fft"
-        attention = f"vq-{cfg.attn_impl}" if cfg.vq else "full-attn"
+        impl = "linear" if cfg.attn_impl == "auto" else cfg.attn_impl  # until a forward resolves
+        attention = f"vq-{impl}" if cfg.vq else "full-attn"
+        self.memory_backend = memory_backend
         self.backend = f"{memory_backend}+{attention}"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -150,9 +154,11 @@ class LongVQLayer(nn.Module):
             self.last_stats = {}
         else:
             quantized = self.quantizer(k)
+            impl = resolve_impl(cfg.attn_impl, q)
+            self.backend = f"{self.memory_backend}+vq-{impl}"
             out = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
                                self.rel_bias, attn_fn=cfg.attn_fn, causal=cfg.causal,
-                               window=cfg.window, impl=cfg.attn_impl, key_grad=cfg.key_grad)
+                               window=cfg.window, impl=impl, key_grad=cfg.key_grad)
             self.aux_loss = quantized.commit_loss
             self.last_stats = {"codebook_utilisation": quantized.utilisation,
                                "codebook_perplexity": quantized.perplexity}

@@ -1,4 +1,4 @@
-"""`kernels`: op-level VQ-attention time vs length."""
+"""`kernels`: op-level VQ-attention (and reference attention kernels) time vs length."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.cli_args import (
@@ -21,20 +22,44 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import pandas as pd
     import torch
 
-    from harness.kernels import IMPLS, OpShape, benchmark, rows_as_dicts
+    from harness.kernels import (
+        DEFAULT_IMPLS,
+        IMPLS,
+        MODES,
+        OpShape,
+        benchmark,
+        check_length,
+        plot_rows,
+        rows_as_dicts,
+    )
     from harness.measure import DTYPES
     from harness.provenance import provenance
 
-    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    device = resolve_device(args.device)
+    spec = DEFAULT_IMPLS.get(device, DEFAULT_IMPLS["cpu"]) if args.impls == "auto" else args.impls
+    impls = [name.strip() for name in spec.split(",") if name.strip()]
     for name in impls:
         if name not in IMPLS:
             raise UsageError(f"--impls: unknown implementation {name!r}; known: {', '.join(IMPLS)}")
+    modes = ["fwd+bwd"] if args.backward else [m.strip() for m in args.modes.split(",")
+                                                if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise UsageError(f"--modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if not modes:
+        raise UsageError("--modes: give at least one of fwd, fwd+bwd")
     lengths = parse_int_list(args.lengths, "--lengths")
-    device = resolve_device(args.device)
     if args.attn_fn not in ("softmax", "laplace"):
         raise UsageError(f"--attn-fn: {args.attn_fn!r}; choose softmax or laplace")
     if args.value_dim < 0:
         raise UsageError(f"--value-dim: {args.value_dim} must be >= 0 (0: same as --dim)")
+    for flag, value in (("--batch", args.batch), ("--heads", args.heads), ("--dim", args.dim),
+                        ("--codebook-size", args.codebook_size), ("--window", args.window),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise UsageError(f"{flag}: {value} must be >= 1")
+    if args.peak_gbps <= 0:
+        raise UsageError(f"--peak-gbps: {args.peak_gbps} must be > 0")
     shape = OpShape(
         batch=args.batch,
         heads=args.heads,
@@ -48,64 +73,81 @@ def run(args: argparse.Namespace, console: Console) -> int:
     )
     dtype = DTYPES[resolve_dtype(args.dtype, device)]
     prov = provenance(torch.device(device))
-    mode = "fwd+bwd" if args.backward else "fwd"
-    console.print(f"[bold]kernels[/bold]: vq_attention {mode} on {prov['device']}, {shape}")
+    console.print(f"[bold]kernels[/bold]: {', '.join(modes)} on {prov['device']}, {shape}, "
+                  f"{str(dtype).removeprefix('torch.')}; VQ impls first checked against the "
+                  f"naive oracle at L={check_length(shape)}")
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
 
     def on_row(row) -> None:
-        ms = f"{row.ms_median:.2f} ms" if row.ms_median is not None else row.status
-        growth = f" (x{row.growth:.2f} vs L/2)" if row.growth else ""
-        console.print(f"  {row.impl:>7} L={row.seq_len:>6}: {ms}{growth}")
+        if row.ms_median is None:
+            text = f"{row.status}" + (f" ({row.note})" if row.note else "")
+        else:
+            text = f"{row.ms_median:.3f} ms"
+            if row.growth:
+                text += f" (x{row.growth:.2f} vs L/2)"
+            if row.gbps is not None:
+                text += f", {row.gbps:.1f} GB/s = {100 * row.bw_frac:.1f}% of peak"
+        console.print(f"  {row.impl:>13} {row.mode:>7} L={row.seq_len:>6}: {text}", markup=False)
 
-    rows = benchmark(
-        impls,
-        lengths,
-        shape,
-        device,
-        dtype,
-        args.backward,
-        args.warmup,
-        args.repeats,
-        on_row=on_row,
-    )
-    table = Table(title=f"vq_attention {mode} time vs L ({prov['device']})")
-    for column in ("impl", "L", "status", "ms (median)", "growth per doubling", "rel err"):
+    rows = benchmark(impls, lengths, shape, device, dtype, modes, args.warmup, args.repeats,
+                     peak_gbps=args.peak_gbps, cell_budget_s=args.cell_budget, on_row=on_row)
+    columns = ("impl", "mode", "L", "status", "ms (median)", "growth per doubling", "GB/s",
+               "% of peak BW", "rel err vs naive", "peak MiB", "note")
+    table = Table(title=f"op time vs L ({prov['device']})")
+    for column in columns:
         table.add_column(column)
-    for row in rows:
-        table.add_row(
-            row.impl,
-            str(row.seq_len),
-            row.status,
-            f"{row.ms_median:.2f}" if row.ms_median is not None else "-",
-            f"{row.growth:.2f}" if row.growth else "-",
-            f"{row.rel_err_vs_naive:.1e}",
-        )
+    cells = [
+        (row.impl, row.mode, str(row.seq_len), row.status, fmt(row.ms_median, ".3f"),
+         fmt(row.growth, ".2f"), fmt(row.gbps, ".1f"),
+         fmt(None if row.bw_frac is None else 100 * row.bw_frac, ".1f"),
+         fmt(row.rel_err_vs_naive, ".1e"), fmt(row.peak_mem_mib, ".0f"), row.note)
+        for row in rows
+    ]
+    for cell in cells:
+        table.add_row(*(escape(c) for c in cell))
     console.print(table)
+    console.print(
+        "GB/s (VQ forward rows) = bytes / time, bytes = B*H*L*((2*D + 2*Dv)*elem + 8 (int64 "
+        f"codes) + 4 (softmax lse)) + H*S*D*elem; peak {args.peak_gbps:.0f} GB/s. sdpa-flash is "
+        "exact softmax attention without bias or VQ; fla-linear is fla's causal chunk kernel.",
+        markup=False,
+    )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        extra = {"mode": mode, "dtype": str(dtype).removeprefix("torch."), **prov}
+        extra = {"dtype": str(dtype).removeprefix("torch."), "peak_gbps": args.peak_gbps,
+                 **prov}
         frame = pd.DataFrame(rows_as_dicts(rows, shape, extra))
         frame.to_csv(out / "kernels.csv", index=False)
+        title = (f"{shape.attn_fn}, {'causal' if shape.causal else 'bidirectional'}, "
+                 f"B={shape.batch} H={shape.heads} D={shape.dim} Dv={shape.value_dim} "
+                 f"S={shape.codebook_size} W={shape.window}, {extra['dtype']}, {prov['device']}")
+        plot_rows(rows, out / "kernels.png", title)
         lines = [
-            f"# vq_attention {mode}: time vs sequence length",
+            "# VQ attention and reference kernels: time vs sequence length",
             "",
             f"Device `{prov['device']}`, torch {prov['torch']}, dtype {extra['dtype']}, "
             f"commit {prov['git_commit']}, {prov['timestamp']}. Shape: {shape}. "
-            f"Median of {args.repeats} runs after {args.warmup} warm-up runs.",
+            f"Median of up to {args.repeats} runs after {max(1, args.warmup)} warm-up runs "
+            "(a first run over 1 s: 2 timed runs). VQ implementations are checked against the "
+            f"naive oracle at L={check_length(shape)} first (outputs, and gradients when "
+            "fwd+bwd is timed); a failing one is `wrong` and not timed.",
             "",
-            "| impl | L | status | ms (median) | growth per doubling | rel err vs naive |",
-            "|---|---|---|---|---|---|",
+            "GB/s (VQ forward rows): bytes / time with bytes = B·H·L·((2·D + 2·Dv)·elem + 8 "
+            "[int64 codes] + 4 [softmax lse]) + H·S·D·elem (read q, k_hat, v, codes, codebook; "
+            f"write O, lse); % of a {args.peak_gbps:.0f} GB/s peak. `sdpa-flash`: exact softmax "
+            "attention (no bias, no VQ); `fla-linear`: fla's causal `chunk_linear_attn`.",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
         ]
-        for row in rows:
-            lines.append(
-                f"| {row.impl} | {row.seq_len} | {row.status} | "
-                f"{'-' if row.ms_median is None else f'{row.ms_median:.2f}'} | "
-                f"{'-' if not row.growth else f'{row.growth:.2f}'} | "
-                f"{row.rel_err_vs_naive:.1e} |"
-            )
-        lines += ["", "Command: `python run_bench.py " + " ".join(sys.argv[1:]) + "`", ""]
+        lines += ["| " + " | ".join(cell) + " |" for cell in cells]
+        lines += ["", "![time vs L](kernels.png)", "",
+                  "Command: `python run_bench.py " + " ".join(sys.argv[1:]) + "`", ""]
         (out / "kernels.md").write_text("\n".join(lines))
-        console.print(f"wrote {out / 'kernels.csv'}, {out / 'kernels.md'}")
+        console.print(f"wrote {out / 'kernels.csv'}, {out / 'kernels.md'}, {out / 'kernels.png'}")
     return 0
 
 
@@ -113,16 +155,21 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_ker = sub.add_parser(
         "kernels",
         parents=[common],
-        help="time of the VQ-attention ops vs length",
-        description="Time the VQ-attention implementations (naive L x L oracle, linear-time) "
-        "over sequence lengths and print the growth per doubling of L. Each "
-        "implementation is first checked against the naive oracle on this device; "
-        "a wrong one is not timed.",
+        help="time of the VQ-attention ops (and reference kernels) vs length",
+        description="Time the VQ-attention implementations (naive L x L oracle, torch "
+        "linear-time, fused Triton) and reference kernels (SDPA flash, fla linear attention) "
+        "over sequence lengths, forward and/or forward + backward, with the growth per "
+        "doubling of L and the Triton forward's achieved bandwidth. Each VQ implementation is "
+        "first checked against the naive oracle on this device; a wrong one is not timed.",
     )
     p_ker.add_argument(
-        "--impls", default="naive,linear", help="comma-separated implementations (naive, linear)"
+        "--impls", default="auto",
+        help="comma-separated: naive, linear, linear-window, triton, triton-window, sdpa-flash, "
+        "fla-linear (auto: triton,triton-window,linear,sdpa-flash,fla-linear on cuda, "
+        "naive,linear on cpu)",
     )
     p_ker.add_argument("--lengths", default="2k,4k,8k,16k", help="sequence lengths (1k = 1024)")
+    p_ker.add_argument("--modes", default="fwd", help="comma-separated: fwd, fwd+bwd (fwd)")
     p_ker.add_argument("--batch", type=int, default=1, help="batch size (1)")
     p_ker.add_argument("--heads", type=int, default=1, help="heads (1: LongVQ is single-head)")
     p_ker.add_argument("--dim", type=int, default=64, help="head dim of q/k (and of v) (64)")
@@ -134,14 +181,22 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_ker.add_argument("--attn-fn", default="softmax", help="softmax or laplace")
     p_ker.add_argument("--causal", action="store_true", help="causal (default bidirectional)")
     p_ker.add_argument("--no-bias", action="store_true", help="no local bias")
-    p_ker.add_argument("--backward", action="store_true", help="time forward + backward")
+    p_ker.add_argument("--backward", action="store_true",
+                       help="time forward + backward only (same as --modes fwd+bwd)")
     p_ker.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "fp32", "bf16", "fp16"],
         help="input dtype (auto: bf16 on cuda, fp32 on cpu)",
     )
-    p_ker.add_argument("--warmup", type=int, default=2, help="untimed runs per cell (2)")
+    p_ker.add_argument("--warmup", type=int, default=2,
+                       help="untimed runs per cell, at least 1 (2)")
     p_ker.add_argument("--repeats", type=int, default=5, help="timed runs per cell (5)")
-    p_ker.add_argument("--out", default=None, help="folder for kernels.csv and kernels.md")
+    p_ker.add_argument("--peak-gbps", type=float, default=3350.0,
+                       help="peak memory bandwidth for the %% column (3350: H100 SXM HBM3)")
+    p_ker.add_argument("--cell-budget", type=float, default=60.0,
+                       help="seconds; a cell slower than this skips the longer lengths of its "
+                       "impl and mode (60)")
+    p_ker.add_argument("--out", default=None,
+                       help="folder for kernels.csv, kernels.md and kernels.png")
     p_ker.set_defaults(func=run)

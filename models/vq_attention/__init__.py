@@ -1,15 +1,41 @@
-"""VQ attention (LongVQ / Transformer-VQ): the quadratic oracle and the linear-time path."""
+"""VQ attention (LongVQ / Transformer-VQ): the quadratic oracle, the linear-time torch path and
+the fused Triton kernels (``triton.py``, imported only when used: triton is optional)."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor
 
 from .linear import vq_attention_linear
 from .naive import vq_attention_naive
 
-__all__ = ["vq_attention", "vq_attention_linear", "vq_attention_naive"]
+__all__ = ["IMPLS", "resolve_impl", "triton_available", "vq_attention", "vq_attention_linear",
+           "vq_attention_naive"]
 
-_IMPLS = {"linear": vq_attention_linear, "naive": vq_attention_naive}
+IMPLS = ("auto", "linear", "naive", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the Triton kernels import (the triton package and a working build)."""
+    try:
+        from . import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing package or broken install alike
+        return False
+    return True
+
+
+def resolve_impl(impl: str, q: Tensor) -> str:
+    """The implementation ``impl`` runs for inputs like ``q``: "auto" is "triton" for CUDA
+    float32/bfloat16/float16 inputs when triton imports, "linear" otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; known: {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    supported = q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return "triton" if q.is_cuda and supported and triton_available() else "linear"
 
 
 def vq_attention(
@@ -26,11 +52,17 @@ def vq_attention(
     impl: str = "linear",
     key_grad: str = "ste",
 ) -> Tensor:
-    """Dispatch to ``vq_attention_linear`` (default) or ``vq_attention_naive``. key_grad: "ste"
+    """Dispatch to ``vq_attention_linear`` (default), ``vq_attention_naive``,
+    ``vq_attention_triton`` (CUDA) or "auto" (``resolve_impl``). key_grad: "ste"
     (straight-through gradient to every key) or "window" (only from the exact local blocks)."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl={impl!r}; known: {', '.join(_IMPLS)}")
-    return _IMPLS[impl](
+    impl = resolve_impl(impl, q)
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' needs the triton package (pip install triton)")
+        from .triton import vq_attention_triton as fn
+    else:
+        fn = vq_attention_linear if impl == "linear" else vq_attention_naive
+    return fn(
         q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn, causal=causal, window=window,
         key_grad=key_grad,
     )

@@ -1,0 +1,972 @@
+"""Fused Triton VQ attention: forward and backward kernels, same function as ``naive.py``.
+
+    logit_ij = s_i q_i . k_hat_j + B_ij        (s_i, B, phi, causal: see ``naive.py``)
+
+Layout. Positions are cut into query *chunks* of CH positions (CH a multiple of the window W,
+``default_chunk``: about 256). For a query i of chunk c the keys split into
+  - the *band*, read exactly from k_hat / v: keys in [c CH - W, i] (causal) or
+    [c CH - W, (c + 1) CH + W) (bidirectional with bias, or key_grad="window"); it holds the
+    exact local blocks of ``linear.py`` (query block n, key blocks n-1, n (, n+1)) and so every
+    |i - j| < W pair, where the bias is added;
+  - all other keys, read through their codes: sum_s phi(s_i q_i . c_s) U_s with the per-code
+    value sums U_s (and counts n_s) of those keys. They are the same for every query of the
+    chunk: one (S, Dv) *chunk cache* entry per chunk, an exclusive prefix (causal) or prefix +
+    suffix (bidirectional) over per-chunk sums (``_chunk_sums_kernel`` + torch cumsum).
+    Bidirectional without bias (and key_grad="ste"): no band, one cache entry of all keys.
+Keys of the band outside the local blocks are read exactly too: k_hat_j == c_{s_j}, so the value
+is the same as through their code (that is what ``linear.py`` computes with a per-block cache, CH
+= W here). A larger CH trades a longer exact band (flash-attention-like tiles on tensor cores)
+for a smaller cache in HBM: (L / CH) x S x Dv floats per (batch, head), never L x L or L x S.
+
+Softmax keeps one running max and sum over the code tiles (log-weights s_i q_i . c_s, counts
+n_s as multiplicities, absent codes masked) and the band tiles, and saves lse = m + log(l);
+laplace (Mega: s_i = 1/n_i, unnormalised) just sums. Tiles accumulate in fp32 from fp32 or
+bf16/fp16 inputs (dots: bf16/fp16 on tensor cores, weights rounded to the input dtype before
+the value products as in flash attention; fp32 inputs: 3xTF32 dots; the fp32 cache sums U:
+TF32 with bf16/fp16 inputs).
+
+Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py``):
+  - ``_bwd_dq_kernel`` per query tile: dq from the code part (s_i sum_s P'_is (dO_i . U_s -
+    delta_i n_s) c_s) and from the band tiles, and d(bias) from the band tiles: each tile's
+    g summed along its diagonals (``tl.gather``) into a per-program row, summed in torch;
+  - ``_grad_sums_kernel`` per query chunk: G_c = sum_{i in c} P_is dO_i (S x Dv), turned by
+    torch cumsums into, per key chunk, the sum over the query chunks that read it through codes;
+  - ``_bwd_dkdv_kernel`` per key tile: dv from the band tiles plus the code part G[s_j]; dk_hat
+    from the exact local blocks (key_grad="window", Transformer-VQ's semantics), or, for
+    key_grad="ste" with the "dense" strategy, from every (query, key) pair (the far ones without
+    bias: their P'_{i, s_j} is the code weight), i.e. dL/dk_hat of the oracle, O(L^2 D) tiles,
+    no L x L tensor.
+  key_grad="ste" with the "codes" strategy (auto above ``DENSE_MAX_LEN``): the Triton kernel
+  gives the local-block part and ``_key_grad.code_key_grad`` (torch, per-code D x Dv states)
+  the far part, from code weights computed in torch ((B, H, L, S), this backward only).
+Torch does the small glue: the cumsums over chunk caches, delta = rowsum(dO O), the sum of the
+d(bias) rows, dtype casts. Block sizes are autotuned (``triton.autotune``, keyed on S, D, Dv,
+W, CH and a power-of-two bucket of L); ``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use
+the first config. As in ``linear.py``/``naive.py`` the window must be >= 1 (W = 0 is rejected by
+``check_inputs``; "no local part" is the bidirectional op without bias). Inputs: float32,
+bfloat16 or float16 on CUDA (float64: use ``linear``); CPU tensors only under the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from triton.runtime.errors import OutOfResources
+
+from ._common import (
+    LAPLACE_MU,
+    LAPLACE_SIGMA,
+    check_inputs,
+    laplace_grad,
+    no_autocast,
+)
+from ._key_grad import KEY_GRAD_STRATEGIES, code_key_grad
+
+CHUNK_TARGET = 256  # positions per query chunk (rounded to whole windows), see default_chunk
+# key_grad="ste", strategy "auto": Triton dense tiles (O(L^2 D), fast on tensor cores) up to this
+# length, then torch per-code states (O(L S D Dv)).
+DENSE_MAX_LEN = 65536
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = {"past": 0, "far": 1, "all": 2}
+
+_MU = tl.constexpr(LAPLACE_MU)
+_INV_SIGMA_SQRT2 = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0)))
+_INV_SIGMA = tl.constexpr(1.0 / LAPLACE_SIGMA)
+_PDF_NORM = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0 * math.pi)))
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1), where CPU tensors are allowed."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_chunk(window: int) -> int:
+    """Query chunk size: the multiple of W nearest CHUNK_TARGET from below (at least W)."""
+    return window * max(1, CHUNK_TARGET // window)
+
+
+# ------------------------------------------------------------------------------ jit helpers
+
+
+@triton.jit
+def _phi(x):
+    """Mega's Laplace function 0.5 (1 + erf((x - mu) / (sigma sqrt 2)))."""
+    return 0.5 * (1.0 + tl.math.erf((x - _MU) * _INV_SIGMA_SQRT2))
+
+
+@triton.jit
+def _dphi(x):
+    z = (x - _MU) * _INV_SIGMA
+    return tl.exp(-0.5 * z * z) * _PDF_NORM
+
+
+@triton.jit
+def _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr):
+    """s_i: 1/sqrt(D) (softmax), 1/(i + 1) (laplace, causal), 1/L (laplace, bidirectional)."""
+    if IS_SOFTMAX:
+        return tl.zeros(rows.shape, tl.float32) + sm_scale
+    elif CAUSAL:
+        return 1.0 / (rows + 1).to(tl.float32)
+    else:
+        return tl.zeros(rows.shape, tl.float32) + inv_len
+
+
+@triton.jit
+def _band_bounds(c, last_row, L, W, CH, CAUSAL: tl.constexpr):
+    """Keys [lo, hi) of the band of the query rows of chunk c up to last_row."""
+    lo = tl.maximum(c * CH - W, 0)
+    if CAUSAL:
+        hi = tl.minimum(last_row + 1, L)
+    else:
+        hi = tl.minimum((c + 1) * CH + W, L)
+    return lo, hi
+
+
+@triton.jit
+def _bias_tile(BIAS, offset, W, HAS_BIAS: tl.constexpr):
+    """B_ij for a tile of offsets i - j: bias[i - j + W - 1] where |i - j| < W, else 0."""
+    if HAS_BIAS:
+        in_window = (offset < W) & (offset > -W)
+        return tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
+    else:
+        return tl.zeros(offset.shape, tl.float32)
+
+
+# ------------------------------------------------------------------------------ kernels
+# Sizes and lengths are not specialised on (do_not_specialize): one compile serves every L.
+# Value dims are tiled by BLOCK_DV (<= 128, ``_value_block``): the sums, the forward and the
+# dk/dv kernels run one program per value tile (program axis "bh * n_e + e"); the dq kernel and
+# the dk part loop over the value tiles for dO . v and dO . U.
+
+
+@triton.jit(do_not_specialize=["L", "S", "CH", "base", "n_entries"])
+def _chunk_sums_kernel(
+    V, CODES, U, CNT,
+    L, S, CH, base, n_entries,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Entry e: per-code sums of v (and counts) over keys [base + e CH, base + (e + 1) CH)."""
+    e = tl.program_id(0)
+    sid = tl.program_id(1)
+    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    bh = (tl.program_id(2) // n_e).to(tl.int64)
+    et = tl.program_id(2) % n_e
+    offs_s = sid * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    e_ok = offs_e < DV
+    start = base + e * CH
+    lo = tl.maximum(start, 0)
+    hi = tl.minimum(start + CH, L)
+    acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    cnt = tl.zeros([BLOCK_S], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
+        v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                    mask=ok[:, None] & e_ok[None, :], other=0.0)
+        one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N), exact in any dtype
+        acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
+        cnt += tl.sum(one_hot.to(tl.float32), axis=1)
+    row = bh * n_entries + e
+    s_ok = offs_s < S
+    tl.store(U + (row * S + offs_s[:, None]) * DV + offs_e[None, :], acc,
+             mask=s_ok[:, None] & e_ok[None, :])
+    tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
+
+
+@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
+def _fwd_kernel(
+    Q, K, V, CB, U, CNT, BIAS, O, LSE,
+    L, H, S, W, CH, n_cache, cb_head_stride, sm_scale, inv_len, L_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    bh = (tl.program_id(1) // n_e).to(tl.int64)
+    et = tl.program_id(1) % n_e
+    tiles = tl.cdiv(CH, BLOCK_M)
+    c = pid // tiles
+    tile_start = c * CH + (pid % tiles) * BLOCK_M
+    in_chunk = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = c * CH + in_chunk
+    row_ok = (in_chunk < CH) & (rows < L)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    e_ok = offs_e < DV
+    q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    # code part: the chunk's cache entry (causal chunk 0 reads none)
+    entry = bh * n_cache + (0 if MODE == 2 else c)
+    cb_base = CB + (bh % H) * cb_head_stride
+    s_end = S
+    if MODE == 0:
+        s_end = S * (c > 0).to(tl.int32)
+    for s0 in range(0, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < S
+        cb = tl.load(cb_base + offs_s[:, None] * D + offs_d[None, :],
+                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
+        u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
+                    mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+        if IS_SOFTMAX:
+            cnt = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0)
+            logit = tl.where(cnt[None, :] > 0, logit, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(logit - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p * cnt[None, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, u, input_precision=PREC)
+            m_i = m_new
+        else:  # absent codes and padded slots have u = 0
+            acc += tl.dot(_phi(logit), u, input_precision=PREC)
+
+    # band part: exact keys
+    if MODE != 2:
+        last_row = tl.minimum(tile_start + BLOCK_M, tl.minimum((c + 1) * CH, L)) - 1
+        lo, hi = _band_bounds(c, last_row, L, W, CH, CAUSAL)
+        for j0 in range(lo, hi, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                        mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+            offset = rows[:, None] - cols[None, :]
+            logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
+            logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offset >= 0)
+            if IS_SOFTMAX:
+                logit = tl.where(valid, logit, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(logit - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+                m_i = m_new
+            else:
+                p = tl.where(valid, _phi(logit), 0.0)
+                acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+
+    out_mask = row_ok[:, None] & e_ok[None, :]
+    if IS_SOFTMAX:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        acc = acc / l_safe[:, None]
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        tl.store(LSE + bh * L + rows, m_safe + tl.log(l_safe), mask=row_ok & (et == 0))
+    tl.store(O + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+             acc.to(O.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["L", "H", "S", "CH", "n_cache", "cb_head_stride"])
+def _grad_sums_kernel(
+    Q, CB, DO, LSE, CNT, G,
+    L, H, S, CH, n_cache, cb_head_stride, sm_scale, inv_len,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """G_c[s] = sum over the queries i of chunk c of P_is dO_i (P: the code weight)."""
+    c = tl.program_id(0)
+    sid = tl.program_id(1)
+    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    bh = (tl.program_id(2) // n_e).to(tl.int64)
+    et = tl.program_id(2) % n_e
+    n_chunks = tl.num_programs(0)
+    offs_s = sid * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < S
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    e_ok = offs_e < DV
+    cb = tl.load(CB + (bh % H) * cb_head_stride + offs_s[:, None] * D + offs_d[None, :],
+                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    entry = bh * n_cache + (0 if MODE == 2 else c)
+    present = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0) > 0
+    g = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    end = tl.minimum((c + 1) * CH, L)
+    for i0 in range(c * CH, end, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                     mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+        scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
+        logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
+        keep = row_ok[:, None] & present[None, :]
+        if IS_SOFTMAX:  # absent codes masked before exp: their logits may exceed lse
+            lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+            p = tl.exp(tl.where(keep, logit - lse[:, None], float("-inf")))
+        else:
+            p = tl.where(keep, _phi(logit), 0.0)
+        g += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    tl.store(G + ((bh * n_chunks + c) * S + offs_s[:, None]) * DV + offs_e[None, :], g,
+             mask=s_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
+def _bwd_dq_kernel(
+    Q, K, V, CB, U, CNT, BIAS, DO, LSE, DELTA, DQ, DBIAS,
+    L, H, S, W, CH, n_cache, cb_head_stride, sm_scale, inv_len, L_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """dq of one query tile (code part + band) and its d(bias) row (band tiles' diagonals)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    tiles = tl.cdiv(CH, BLOCK_M)
+    c = pid // tiles
+    tile_start = c * CH + (pid % tiles) * BLOCK_M
+    in_chunk = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = c * CH + in_chunk
+    row_ok = (in_chunk < CH) & (rows < L)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
+    if IS_SOFTMAX:
+        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # code part: dL/dlogit_is = P'_is (dO_i . U_s - delta_i n_s) (causal chunk 0 reads none)
+    entry = bh * n_cache + (0 if MODE == 2 else c)
+    cb_base = CB + (bh % H) * cb_head_stride
+    s_end = S
+    if MODE == 0:
+        s_end = S * (c > 0).to(tl.int32)
+    for s0 in range(0, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < S
+        cb = tl.load(cb_base + offs_s[:, None] * D + offs_d[None, :],
+                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
+        coeff = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
+        for e0 in range(0, DV, BLOCK_DV):
+            offs_e = e0 + tl.arange(0, BLOCK_DV)
+            e_ok = offs_e < DV
+            u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
+                        mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+            do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                         mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+            coeff += tl.dot(do.to(tl.float32), tl.trans(u), input_precision=PREC)
+        if IS_SOFTMAX:
+            cnt = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0)
+            keep = row_ok[:, None] & (cnt[None, :] > 0)
+            p = tl.exp(tl.where(keep, logit - lse[:, None], float("-inf")))
+            ds = p * (coeff - delta[:, None] * cnt[None, :])
+        else:
+            ds = tl.where(row_ok[:, None], _dphi(logit) * coeff, 0.0)
+        dq += tl.dot(ds.to(cb.dtype), cb, input_precision=PREC)
+
+    if MODE != 2:
+        last_row = tl.minimum(tile_start + BLOCK_M, tl.minimum((c + 1) * CH, L)) - 1
+        lo, hi = _band_bounds(c, last_row, L, W, CH, CAUSAL)
+        n_bias = 2 * W - 1
+        for j0 in range(lo, hi, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            offset = rows[:, None] - cols[None, :]
+            logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
+            logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offset >= 0)
+            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for e0 in range(0, DV, BLOCK_DV):
+                offs_e = e0 + tl.arange(0, BLOCK_DV)
+                e_ok = offs_e < DV
+                v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                            mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+                do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                             mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+                dp += tl.dot(do, tl.trans(v), input_precision=PREC)
+            if IS_SOFTMAX:
+                p = tl.exp(tl.where(valid, logit - lse[:, None], float("-inf")))
+                ds = p * (dp - delta[:, None])
+            else:
+                ds = tl.where(valid, _dphi(logit) * dp, 0.0)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            if HAS_BIAS:
+                # offsets i - j in this tile: tile_start - j0 - (BLOCK_N - 1) + t, t < M + N - 1
+                o_min = tile_start - j0 - (BLOCK_N - 1)
+                if (o_min < W) & (o_min + BLOCK_M + BLOCK_N - 2 > -W):
+                    r = tl.arange(0, BLOCK_M)[:, None]
+                    t = tl.arange(0, BLOCK_T)[None, :]
+                    col = r + (BLOCK_N - 1) - t  # the column of row r at diagonal t
+                    on_tile = (col >= 0) & (col < BLOCK_N)
+                    col = tl.minimum(tl.maximum(col, 0), BLOCK_N - 1)
+                    diag = tl.where(on_tile, tl.gather(ds, col, axis=1), 0.0)
+                    per_offset = tl.sum(diag, axis=0)
+                    o = o_min + tl.arange(0, BLOCK_T)
+                    o_ok = (o < W) & (o > -W) & (tl.arange(0, BLOCK_T) < BLOCK_M + BLOCK_N - 1)
+                    row_id = bh * tl.num_programs(0) + pid
+                    tl.atomic_add(DBIAS + row_id * n_bias + o + W - 1, per_offset, mask=o_ok)
+
+    dq = dq * scale[:, None]
+    tl.store(DQ + (bh * L + rows[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["L", "S", "W", "CH", "n_chunks", "g_entries", "L_BUCKET"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, BIAS, GCAT, CODES, DK, DV_OUT,
+    L, S, W, CH, n_chunks, g_entries, sm_scale, inv_len, L_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DK_ALL: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dv (one value tile) and, in the programs of value tile 0, dk_hat of one key tile: loop
+    over the query tiles whose band holds it (DK_ALL, tile 0: every query that sees it), then
+    dv += G[s_j] (the code part)."""
+    pid = tl.program_id(0)
+    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    bh = (tl.program_id(1) // n_e).to(tl.int64)
+    et = tl.program_id(1) % n_e
+    j0 = pid * BLOCK_N
+    cols = j0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < L
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    e_ok = offs_e < DV
+    k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    j_last = tl.minimum(j0 + BLOCK_N, L) - 1
+    # queries whose band holds a key of this tile: chunk c with c CH - W <= j (and, when
+    # bidirectional, (c + 1) CH + W > j)
+    band_hi = tl.minimum(((j_last + W) // CH + 1) * CH, L)
+    if CAUSAL:
+        band_lo = j0
+    else:
+        band_lo = tl.maximum(((j0 - W + CH) // CH - 1) * CH, 0)
+    if MODE == 2:
+        band_hi = band_lo
+    q_lo = band_lo
+    q_hi = band_hi
+    if DK_ALL:
+        if et == 0:  # dk from every query that sees the key
+            q_hi = q_hi * 0 + L
+            if not CAUSAL:
+                q_lo = q_lo * 0
+    for i0 in range(q_lo, q_hi, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_hi
+        q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                     mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+        scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
+        offset = rows[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j
+        logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
+        logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
+        valid = row_ok[None, :] & col_ok[:, None]
+        if CAUSAL:
+            valid = valid & (offset >= 0)
+        if IS_SOFTMAX:
+            lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+            p = tl.exp(tl.where(valid, logit - lse[None, :], float("-inf")))
+        else:
+            p = tl.where(valid, _phi(logit), 0.0)
+        # "all": no band, every key's dv comes from its code; DK_ALL: skip the far tiles
+        if MODE != 2:
+            if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
+                chunk = rows // CH
+                in_band = valid & (cols[:, None] >= chunk[None, :] * CH - W)
+                if not CAUSAL:
+                    in_band = in_band & (cols[:, None] < (chunk[None, :] + 1) * CH + W)
+                dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do, input_precision=PREC)
+        if et == 0:
+            dp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for e0 in range(0, DV, BLOCK_DV):
+                offs_c = e0 + tl.arange(0, BLOCK_DV)
+                c_ok = offs_c < DV
+                v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_c[None, :],
+                            mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+                do_c = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_c[None, :],
+                               mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                dp += tl.dot(v, tl.trans(do_c), input_precision=PREC)
+            if IS_SOFTMAX:
+                delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+                ds = p * (dp - delta[None, :])
+            else:
+                ds = tl.where(valid, _dphi(logit) * dp, 0.0)
+            if DK_ALL:
+                dk_pairs = valid
+            else:  # exact local blocks: block(i) - block(j) in {0, 1} (causal) or {-1, 0, 1}
+                gap = rows[None, :] // W - cols[:, None] // W
+                dk_pairs = valid & (gap <= 1) & (gap >= -1)
+            ds = tl.where(dk_pairs, ds * scale[None, :], 0.0)
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+
+    # code part of dv: the G entry of the query chunks that read key j through its code
+    code = tl.load(CODES + bh * L + cols, mask=col_ok, other=0)
+    if MODE == 2:
+        index_a = tl.zeros([BLOCK_N], tl.int32)
+    else:
+        index_a = tl.minimum((cols + W) // CH, n_chunks)
+    g_mask = col_ok[:, None] & e_ok[None, :]
+    dv += tl.load(GCAT + ((bh * g_entries + index_a[:, None]) * S + code[:, None]) * DV
+                  + offs_e[None, :], mask=g_mask, other=0.0)
+    if MODE == 1:
+        index_b = n_chunks + 1 + tl.maximum((cols - W + CH) // CH - 1, 0)
+        dv += tl.load(GCAT + ((bh * g_entries + index_b[:, None]) * S + code[:, None]) * DV
+                      + offs_e[None, :], mask=g_mask, other=0.0)
+    tl.store(DK + (bh * L + cols[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :] & (et == 0))
+    tl.store(DV_OUT + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+             dv.to(DV_OUT.dtype.element_ty), mask=g_mask)
+
+
+# ------------------------------------------------------------------------------ launch configs
+
+
+def _with_block_t(meta: dict) -> dict:
+    """The dq kernel's diagonal width: BLOCK_M + BLOCK_N - 1 rounded up to a power of two."""
+    return {**meta, "BLOCK_T": triton.next_power_of_2(meta["BLOCK_M"] + meta["BLOCK_N"] - 1)}
+
+
+def _configs(metas: list[dict], warps: list[int], stages: list[int]) -> list[triton.Config]:
+    return [triton.Config(meta, num_warps=w, num_stages=s)
+            for meta, w, s in zip(metas, warps, stages, strict=True)]
+
+
+# The first config of each list is the default (no autotuning); all fit D, Dv <= 128 in
+# registers on an H100. The interpreter uses 16-wide tiles so that tiny tests cross tiles.
+CONFIGS: dict[str, list[triton.Config]] = {
+    "sums": _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
+                      {"BLOCK_N": 64, "BLOCK_S": 128}], [4, 4, 8], [2, 3, 2]),
+    "fwd": _configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
+                     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128},
+                     {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_S": 32}], [4, 8, 4, 4], [2, 2, 2, 3]),
+    "grad_sums": _configs([{"BLOCK_M": 64, "BLOCK_S": 64}, {"BLOCK_M": 128, "BLOCK_S": 64},
+                           {"BLOCK_M": 64, "BLOCK_S": 128}], [4, 8, 8], [2, 2, 2]),
+    "dq": _configs([_with_block_t(m) for m in ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
+                                               {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64},
+                                               {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64})],
+                   [4, 4, 8], [2, 2, 2]),
+    "dkdv": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 32, "BLOCK_N": 64},
+                      {"BLOCK_M": 64, "BLOCK_N": 128}], [4, 4, 8], [2, 2, 2]),
+}
+INTERPRETER_META: dict[str, dict[str, int]] = {
+    "sums": {"BLOCK_N": 16, "BLOCK_S": 16},
+    "fwd": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16},
+    "grad_sums": {"BLOCK_M": 16, "BLOCK_S": 16},
+    "dq": _with_block_t({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16}),
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16},
+}
+FALLBACK_META: dict[str, dict[str, int]] = {
+    "sums": {"BLOCK_N": 32, "BLOCK_S": 32},
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32},
+    "grad_sums": {"BLOCK_M": 32, "BLOCK_S": 32},
+    "dq": _with_block_t({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32}),
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
+}
+_KERNELS = {"sums": _chunk_sums_kernel, "fwd": _fwd_kernel, "grad_sums": _grad_sums_kernel,
+            "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+_TUNE_KEYS = {
+    "sums": ["S", "CH", "DV"],
+    "fwd": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
+    "grad_sums": ["S", "CH", "D", "DV"],
+    "dq": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
+    "dkdv": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
+}
+_TUNED = {name: triton.autotune(CONFIGS[name], key=_TUNE_KEYS[name],
+                                reset_to_zero=["DBIAS"] if name == "dq" else None)(kernel)
+          for name, kernel in _KERNELS.items()}
+
+
+def autotuning() -> bool:
+    return not interpreting() and os.environ.get("LONGVQ_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _launch(name: str, grid, *args, **kwargs) -> None:
+    """Run kernel ``name``: autotuned, or with the first config (LONGVQ_TRITON_AUTOTUNE=0) or the
+    interpreter's small tiles. ``grid`` takes the meta-parameters (tile sizes). A config that
+    does not fit the device (shared memory, e.g. float32 with D = Dv = 128) falls back to
+    ``FALLBACK_META`` (small tiles, no pipelining); the error is raised at compile time, before
+    anything ran."""
+    if interpreting():
+        _KERNELS[name][grid(INTERPRETER_META[name])](*args, **kwargs, **INTERPRETER_META[name])
+        return
+    try:
+        if autotuning():
+            _TUNED[name][grid](*args, **kwargs)
+        else:  # float32 tiles are twice as large: no pipelining keeps them in shared memory
+            config = CONFIGS[name][0]
+            stages = 1 if args[0].dtype == torch.float32 else config.num_stages
+            _KERNELS[name][grid(config.kwargs)](*args, **kwargs, **config.kwargs,
+                                                num_warps=config.num_warps, num_stages=stages)
+    except OutOfResources:
+        meta = FALLBACK_META[name]
+        if name == "dq":  # the d(bias) rows are accumulated with atomics: start from zero
+            args[11].zero_()
+        _KERNELS[name][grid(meta)](*args, **kwargs, **meta, num_warps=4, num_stages=1)
+
+
+def _min_block(name: str, key: str) -> int:
+    metas = [c.kwargs for c in CONFIGS[name]] + [INTERPRETER_META[name], FALLBACK_META[name]]
+    return min(m[key] for m in metas)
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Problem constants shared by the forward and the backward."""
+
+    batch_heads: int
+    heads: int
+    length: int
+    dim: int
+    value_dim: int
+    size: int  # S
+    window: int  # W
+    chunk: int  # CH
+    attn_fn: str
+    causal: bool
+    mode: str  # "past" | "far" | "all"
+    has_bias: bool
+    key_grad: str
+    strategy: str  # "dense" | "codes" (key_grad="ste" far keys)
+    cb_head_stride: int  # S * D (per-head codebooks) or 0 (shared)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.length // self.chunk)
+
+    @property
+    def value_tiles(self) -> int:
+        return -(-self.value_dim // _value_block(self.value_dim))
+
+    @property
+    def n_cache(self) -> int:
+        return 1 if self.mode == "all" else self.n_chunks
+
+    def constants(self, dtype: torch.dtype) -> dict:
+        return dict(
+            D=self.dim, DV=self.value_dim, BLOCK_D=_block(self.dim),
+            BLOCK_DV=_value_block(self.value_dim), IS_SOFTMAX=self.attn_fn == "softmax",
+            CAUSAL=self.causal, MODE=MODES[self.mode], PREC=_precision(dtype),
+        )
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        return self.dim**-0.5, 1.0 / self.length
+
+    @property
+    def length_bucket(self) -> int:
+        return min(triton.next_power_of_2(self.length), 65536)
+
+
+def _block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _value_block(value_dim: int) -> int:
+    """Value tile: Dv up to 128 in one tile (LongVQ's Dv = 2 d_model can be 1024); 16 in the
+    interpreter, so that tiny tests cross value tiles."""
+    return min(16 if interpreting() else 128, _block(value_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: 3xTF32 dots (about fp32 accuracy on tensor cores; "ieee" FMA dots compile
+    ~5x slower); bf16/fp16 inputs: their tensor-core dots, TF32 for the fp32 x fp32 ones (the
+    cache sums U)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _chunk_sums(spec: _Spec, v: Tensor, codes: Tensor, base: int, entries: int):
+    """Per-code sums (BH, entries, S, Dv) and counts (BH, entries, S) of the keys
+    [base + e CH, base + (e + 1) CH), fp32."""
+    bh, size = spec.batch_heads, spec.size
+    sums = torch.empty(bh, entries, size, spec.value_dim, device=v.device, dtype=torch.float32)
+    counts = torch.empty(bh, entries, size, device=v.device, dtype=torch.float32)
+    if entries == 0:
+        return sums, counts
+    _launch(
+        "sums", lambda meta: (entries, triton.cdiv(size, meta["BLOCK_S"]), bh * spec.value_tiles),
+        v, codes, sums, counts, spec.length, size, spec.chunk, base, entries,
+        DV=spec.value_dim, BLOCK_DV=_value_block(spec.value_dim), PREC=_precision(v.dtype),
+    )
+    return sums, counts
+
+
+def _exclusive_prefix(x: Tensor) -> Tensor:
+    """out[:, c] = sum_{e < c} x[:, e], one more entry than x."""
+    zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+    return torch.cat([zero, x.cumsum(1)], dim=1)
+
+
+def _suffix(x: Tensor) -> Tensor:
+    """out[:, c] = sum_{e >= c} x[:, e]."""
+    return x.flip(1).cumsum(1).flip(1)
+
+
+def _code_cache(spec: _Spec, v: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """U (BH, n_cache, S, Dv) and n (BH, n_cache, S): the per-code sums each query chunk reads
+    through codes. Chunk c reads the keys j < c CH - W ("past"), also j >= (c + 1) CH + W
+    ("far"), or all keys ("all")."""
+    n, w, ch = spec.n_chunks, spec.window, spec.chunk
+    if spec.mode == "all":
+        sums, counts = _chunk_sums(spec, v, codes, 0, n)
+        return sums.sum(1, keepdim=True), counts.sum(1, keepdim=True)
+    # key j joins entry e = (j + W) // CH: read by the chunks c > e
+    sums, counts = _chunk_sums(spec, v, codes, -w, n - 1)
+    u, cnt = _exclusive_prefix(sums), _exclusive_prefix(counts)
+    if spec.mode == "far":  # key j (j >= W) joins e = (j - W) // CH - 1: read by chunks c <= e
+        sums, counts = _chunk_sums(spec, v, codes, ch + w, n - 1)
+        u[:, :-1] += _suffix(sums)
+        cnt[:, :-1] += _suffix(counts)
+    return u, cnt
+
+
+def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:
+    """The adjoint of ``_code_cache`` for v: per key index, the sum over the query chunks that
+    read it of G_c = sum_{i in c} P_is dO_i. (BH, g_entries, S, Dv), see ``_bwd_dkdv_kernel``."""
+    bh, n, size = spec.batch_heads, spec.n_chunks, spec.size
+    g = torch.empty(bh, n, size, spec.value_dim, device=q.device, dtype=torch.float32)
+    sm_scale, inv_len = spec.scales
+    lse_arg = lse if lse is not None else g  # unused for laplace
+    _launch(
+        "grad_sums", lambda meta: (n, triton.cdiv(size, meta["BLOCK_S"]),
+                                   bh * spec.value_tiles),
+        q, cb, grad_out, lse_arg, counts, g, spec.length, spec.heads, size, spec.chunk,
+        spec.n_cache, spec.cb_head_stride, sm_scale, inv_len,
+        **spec.constants(q.dtype),
+    )
+    if spec.mode == "all":
+        return g.sum(1, keepdim=True)
+    zero = g.new_zeros(bh, 2, *g.shape[2:])
+    # entry a = (j + W) // CH (clamped to n): sum over chunks c > a
+    later = torch.cat([_suffix(g)[:, 1:], zero], dim=1)  # n + 1 entries
+    if spec.mode == "past":
+        return later
+    # entry b = max((j - W) // CH, 0): sum over chunks c < b
+    return torch.cat([later, _exclusive_prefix(g)], dim=1)  # 2 (n + 1) entries
+
+
+def _forward(spec: _Spec, q, k, v, cb, codes, bias):
+    u, cnt = _code_cache(spec, v, codes)
+    out = torch.empty(*q.shape[:-1], spec.value_dim, device=q.device, dtype=q.dtype)
+    lse = (torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+           if spec.attn_fn == "softmax" else None)
+    sm_scale, inv_len = spec.scales
+    _launch(
+        "fwd", lambda meta: (spec.n_chunks * triton.cdiv(spec.chunk, meta["BLOCK_M"]),
+                             spec.batch_heads * spec.value_tiles),
+        q, k, v, cb, u, cnt, bias if bias is not None else u, out,
+        lse if lse is not None else out, spec.length, spec.heads, spec.size, spec.window,
+        spec.chunk, spec.n_cache, spec.cb_head_stride, sm_scale, inv_len, spec.length_bucket,
+        HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
+    )
+    return out, lse
+
+
+def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out):
+    """dq, dk_hat, dv (kernel dtype) and dbias (fp32 or None)."""
+    softmax = spec.attn_fn == "softmax"
+    delta = (grad_out.float() * out.float()).sum(-1) if softmax else None
+    u, cnt = _code_cache(spec, v, codes)
+    gcat = _grad_cache(spec, q, cb, grad_out, lse, cnt)
+    sm_scale, inv_len = spec.scales
+    dummy = u
+    dq = torch.empty_like(q)
+    tiles = triton.cdiv(spec.chunk, _min_block("dq", "BLOCK_M")) * spec.n_chunks
+    dbias_rows = torch.zeros(spec.batch_heads * tiles, 2 * spec.window - 1, device=q.device,
+                             dtype=torch.float32)
+    _launch(
+        "dq", lambda meta: (spec.n_chunks * triton.cdiv(spec.chunk, meta["BLOCK_M"]),
+                            spec.batch_heads),
+        q, k, v, cb, u, cnt, bias if bias is not None else dummy, grad_out,
+        lse if softmax else dummy, delta if softmax else dummy, dq, dbias_rows,
+        spec.length, spec.heads, spec.size, spec.window, spec.chunk, spec.n_cache,
+        spec.cb_head_stride, sm_scale, inv_len, spec.length_bucket,
+        HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
+    )
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk_all = spec.key_grad == "ste" and spec.strategy == "dense"
+    _launch(
+        "dkdv", lambda meta: (triton.cdiv(spec.length, meta["BLOCK_N"]),
+                              spec.batch_heads * spec.value_tiles),
+        q, k, v, grad_out, lse if softmax else dummy, delta if softmax else dummy,
+        bias if bias is not None else dummy, gcat, codes, dk, dv,
+        spec.length, spec.size, spec.window, spec.chunk, spec.n_chunks, gcat.shape[1],
+        sm_scale, inv_len, spec.length_bucket,
+        HAS_BIAS=spec.has_bias, DK_ALL=dk_all, **spec.constants(q.dtype),
+    )
+    dbias = dbias_rows.sum(0) if spec.has_bias else None
+    return dq, dk, dv, dbias, delta
+
+
+def _far_key_grad_torch(spec: _Spec, q, k, v, codebook, codes, bias, lse, delta, grad_out):
+    """key_grad="ste", strategy "codes": the far-key part of dk_hat (query block >= key block +
+    2, or |difference| >= 2) with ``linear.py``'s torch code (per-code states), from code
+    weights computed here in torch. (B, H, L, D) fp32."""
+    from .linear import _prepare, _read_cache
+
+    batch, heads, length, _ = q.shape
+    with no_autocast(q):
+        p = _prepare(q, k, v, codebook, codes, bias, spec.attn_fn, "ste", spec.causal,
+                     spec.window)
+        pad = p.blocks.padded - length
+
+        def padded(x: Tensor) -> Tensor:
+            return torch.nn.functional.pad(x.float(), (0, 0, 0, pad))
+
+        logits = torch.einsum("bhld,hsd->bhls", p.q, p.codebook) * p.scale[:, None]
+        code_logits = p.code_groups(logits)
+        counts = _read_cache(p.code_groups(p.one_hot).sum(dim=3), p.mode)
+        present = (counts > 0).unsqueeze(3)
+        valid = p.code_groups(p.in_range)
+        grad_out = padded(grad_out)
+        if spec.attn_fn == "softmax":
+            lse_p = torch.nn.functional.pad(lse, (0, pad)).view(batch, heads, length + pad, 1)
+            shifted = torch.where(present, code_logits, float("-inf")) - p.code_groups(lse_p)
+            weights_grad = torch.where(valid, torch.exp(shifted), 0.0)
+            delta_p = torch.nn.functional.pad(delta, (0, pad))[..., None]
+            do_ext = torch.cat([grad_out, -delta_p], dim=-1)
+            v_ext = torch.cat([p.v, torch.ones_like(p.v[..., :1])], dim=-1)
+        else:
+            weights_grad = torch.where(valid, laplace_grad(code_logits), 0.0)
+            do_ext, v_ext = grad_out, p.v
+        scale_g = p.code_groups(p.scale)
+        weights = torch.where(present, weights_grad * scale_g, 0.0).flatten(2, 3)
+        dk = code_key_grad(weights, p.q, do_ext, v_ext, p.codes, p.mode, p.blocks, "codes")
+    return dk[:, :, :length]
+
+
+class _TritonVQAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_hat, v, codebook, codes, bias, spec: _Spec):
+        dtype = kernel_dtype(q, k_hat, v)
+        batch, heads = q.shape[:2]
+        qc, kc, vc = (x.to(dtype).reshape(batch * heads, *x.shape[2:]).contiguous()
+                      for x in (q, k_hat, v))
+        cb = codebook.to(dtype).contiguous()
+        codes32 = codes.to(torch.int32).reshape(batch * heads, -1).contiguous()
+        bias32 = None if bias is None else bias.float().contiguous()
+        out, lse = _forward(spec, qc, kc, vc, cb, codes32, bias32)
+        # only the kernel-layout copies are kept (they alias the inputs when these are already
+        # contiguous in the kernel dtype), plus the dtypes to return the gradients in
+        ctx.save_for_backward(qc, kc, vc, cb, codes32, bias32, out, lse)
+        ctx.spec = spec
+        ctx.layout = (batch, heads, q.dtype, k_hat.dtype, v.dtype,
+                      None if bias is None else bias.dtype)
+        return out.view(batch, heads, *out.shape[1:]).to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qc, kc, vc, cb, codes32, bias32, out, lse = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        batch, heads, q_dtype, k_dtype, v_dtype, bias_dtype = ctx.layout
+        do = grad_out.to(qc.dtype).reshape(batch * heads, *grad_out.shape[2:]).contiguous()
+        dq, dk, dv, dbias, delta = _backward(spec, qc, kc, vc, cb, codes32, bias32, out, lse, do)
+
+        def per_head(x: Tensor) -> Tensor:  # (B H, L, .) -> (B, H, L, .)
+            return x.view(batch, heads, *x.shape[1:])
+
+        dq, dk, dv = per_head(dq), per_head(dk), per_head(dv)
+        if spec.key_grad == "ste" and spec.strategy == "codes":
+            far = _far_key_grad_torch(
+                spec, per_head(qc), per_head(kc), per_head(vc), cb, per_head(codes32).long(),
+                bias32, None if lse is None else per_head(lse), None if delta is None
+                else per_head(delta), per_head(do),
+            )
+            dk = dk.float() + far
+        return (dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None,
+                None if dbias is None else dbias.to(bias_dtype), None)
+
+
+def kernel_dtype(q: Tensor, k_hat: Tensor, v: Tensor) -> torch.dtype:
+    """The dtype the kernels read: the promoted input dtype (float32, bfloat16 or float16)."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k_hat.dtype), v.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"impl='triton' supports float32, bfloat16 and float16 inputs, "
+                         f"got {dtype}; use impl='linear'")
+    return dtype
+
+
+@torch.compiler.disable  # opaque to dynamo: a graph break, not a trace of the launcher
+def vq_attention_triton(
+    q: Tensor,
+    k_hat: Tensor,
+    v: Tensor,
+    codebook: Tensor,
+    codes: Tensor,
+    bias: Tensor | None,
+    *,
+    attn_fn: str,
+    causal: bool,
+    window: int,
+    key_grad: str = "ste",
+    key_grad_strategy: str = "auto",
+    chunk: int | None = None,
+) -> Tensor:
+    """Same contract as ``vq_attention_linear`` (shapes, dtypes, gradients to q, k_hat, v and
+    bias; none to codebook and codes), on CUDA tensors (CPU only under TRITON_INTERPRET=1).
+    key_grad_strategy for key_grad="ste": "dense" (Triton, every pair), "codes" (torch per-code
+    states for the far keys) or "auto" ("dense" up to L = DENSE_MAX_LEN). chunk: query chunk
+    size CH, a multiple of ``window`` (default ``default_chunk(window)``)."""
+    check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
+    if key_grad_strategy not in KEY_GRAD_STRATEGIES:
+        raise ValueError(
+            f"key_grad_strategy={key_grad_strategy!r}; known: {', '.join(KEY_GRAD_STRATEGIES)}"
+        )
+    if not q.is_cuda and not interpreting():
+        raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}); use impl='linear'")
+    kernel_dtype(q, k_hat, v)
+    chunk = default_chunk(window) if chunk is None else chunk
+    if not isinstance(chunk, int) or chunk < window or chunk % window:
+        raise ValueError(f"chunk={chunk!r} must be a positive multiple of window={window}")
+    length = q.shape[2]
+    strategy = key_grad_strategy
+    if strategy == "auto":
+        strategy = "dense" if length <= DENSE_MAX_LEN else "codes"
+    if causal:
+        mode = "past"
+    else:
+        mode = "far" if bias is not None or key_grad == "window" else "all"
+    spec = _Spec(
+        batch_heads=q.shape[0] * q.shape[1], heads=q.shape[1], length=length, dim=q.shape[3],
+        value_dim=v.shape[3], size=codebook.shape[1], window=window, chunk=chunk,
+        attn_fn=attn_fn, causal=causal, mode=mode, has_bias=bias is not None,
+        key_grad=key_grad, strategy=strategy,
+        cb_head_stride=codebook.shape[1] * codebook.shape[2] if codebook.shape[0] > 1 else 0,
+    )
+    return _TritonVQAttention.apply(q, k_hat, v, codebook, codes, bias, spec)

@@ -1,0 +1,79 @@
+"""`run_bench.py kernels` on CPU: rows per impl/mode/length, the correctness gate (a wrong
+implementation is not timed), unavailable kernels reported as such, CSV/markdown/plot output."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import harness.kernels as kernels
+from harness.cli import main
+
+SHAPE = kernels.OpShape(batch=1, heads=2, dim=8, value_dim=8, codebook_size=8, window=4,
+                        causal=True)
+
+
+def test_rows_status_growth_and_bandwidth():
+    rows = kernels.benchmark(["naive", "linear", "triton", "sdpa-flash", "fla-linear"], [16, 32],
+                             SHAPE, "cpu", torch.float32, ("fwd", "fwd+bwd"), warmup=1,
+                             repeats=1)
+    assert len(rows) == 5 * 2 * 2
+    by_impl = {}
+    for row in rows:
+        by_impl.setdefault(row.impl, []).append(row)
+    for impl in ("naive", "linear"):
+        assert all(r.status == "ok" and r.ms_median > 0 for r in by_impl[impl])
+        assert all(r.rel_err_vs_naive <= 1e-5 for r in by_impl[impl])
+        fwd = [r for r in by_impl[impl] if r.mode == "fwd"]
+        assert all(r.gbps > 0 and r.bw_frac == r.gbps / kernels.H100_PEAK_GBPS for r in fwd)
+        assert fwd[1].growth == pytest.approx(fwd[1].ms_median / fwd[0].ms_median)
+        assert all(r.gbps is None for r in by_impl[impl] if r.mode == "fwd+bwd")
+    for impl in ("triton", "sdpa-flash", "fla-linear"):  # CUDA kernels on a CPU machine
+        assert all(r.status == "unavailable" and r.ms_median is None and r.note
+                   for r in by_impl[impl])
+
+
+def test_wrong_implementation_is_not_timed(monkeypatch):
+    real = kernels._vq_fn
+
+    def broken(name):
+        fn = real(name)
+        if name != "linear":
+            return fn
+
+        def off_by_ten_percent(*args, **kwargs):
+            return fn(*args, **kwargs) * 1.1
+
+        return off_by_ten_percent
+
+    monkeypatch.setattr(kernels, "_vq_fn", broken)
+    timed = []
+    monkeypatch.setattr(kernels, "time_op", lambda *a, **k: timed.append(a) or None)
+    rows = kernels.benchmark(["linear"], [16, 32], SHAPE, "cpu", torch.float32, ("fwd",))
+    assert [r.status for r in rows] == ["wrong", "wrong"] and not timed
+    assert rows[0].rel_err_vs_naive == pytest.approx(0.1, rel=1e-3)
+
+
+def test_min_bytes_formula():
+    shape = kernels.OpShape(batch=8, heads=8, dim=64, value_dim=64, codebook_size=256,
+                            attn_fn="softmax")
+    per_position = (2 * 64 + 2 * 64) * 2 + 8 + 4  # bf16 q, k_hat, v, O; int64 codes; fp32 lse
+    assert kernels.min_bytes(shape, 1024, torch.bfloat16) == (
+        64 * 1024 * per_position + 8 * 256 * 64 * 2)
+
+
+def test_cli_writes_outputs_and_rejects_bad_modes(tmp_path, capsys):
+    out = tmp_path / "k"
+    args = ["kernels", "--impls", "naive,linear,sdpa-flash", "--lengths", "16,32", "--device",
+            "cpu", "--dim", "8", "--codebook-size", "8", "--window", "4", "--heads", "2",
+            "--modes", "fwd,fwd+bwd", "--warmup", "1", "--repeats", "1", "--out", str(out)]
+    assert main(args) == 0
+    frame = pd.read_csv(out / "kernels.csv")
+    assert len(frame) == 3 * 2 * 2
+    assert set(frame[frame["impl"] == "sdpa-flash"]["status"]) == {"unavailable"}
+    assert (out / "kernels.png").stat().st_size > 1000
+    assert "GB/s" in (out / "kernels.md").read_text()
+    capsys.readouterr()
+    assert main([*args[:-2], "--modes", "bwd"]) == 2
+    assert "--modes" in capsys.readouterr().err

@@ -1,0 +1,350 @@
+"""Triton VQ attention (models/vq_attention/triton.py) against the quadratic oracle: outputs and
+the gradients wrt q, k (straight-through), v and the bias, with a random upstream gradient.
+
+(a) CPU: the kernels run under Triton's interpreter at tiny sizes, 16-wide tiles
+    (``INTERPRETER_META``), 16-wide value tiles and small chunks, so that queries cross tiles,
+    chunks and the cache. TRITON_INTERPRET=1 must be set before triton is first imported (its
+    own jit helpers, e.g. tl.zeros, are decorated then), so every case runs in ONE subprocess
+    (``python -m tests.test_vq_attention_triton``) whose errors the tests read. Skipped when
+    triton does not import. (bf16 cannot be checked there: the interpreter's bf16 dots are
+    wrong, so bf16 is covered on CUDA only.)
+(b) CUDA (skipped without it): causal x attn_fn x dtype in full, S, D, Dv, W, chunk, bias and
+    key_grad from a covering set of shapes; tolerances per dtype (``TOL``). Autotuning is off
+    there (one config, to bound compile time) except in ``test_autotuned_matches_naive``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.vq_attention import vq_attention, vq_attention_naive
+from tests.conftest import assert_close, requires_cuda
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+
+# relative error (norm) vs the float64 oracle: float32 runs 3xTF32 dots (~fp32); bf16 rounds the
+# weights before the value products and stores O / gradients in bf16
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+INTERPRETER_TOL = 2e-5
+
+
+def make_case(batch, heads, length, dim, value_dim, size, window, attn_fn, use_bias, seed=0,
+              shared_codebook=False, device="cpu"):
+    """float64 leaves and codebook; code size - 1 is never used (an absent code)."""
+    gen = torch.Generator().manual_seed(seed)
+    q_scale = length / dim**0.5 if attn_fn == "laplace" else 1.0  # Mega divides logits by ~L
+    codes = torch.randint(0, size - 1, (batch, heads, length), generator=gen)
+    leaves = {
+        "q": torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64) * q_scale,
+        "k": torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64),
+        "v": torch.randn(batch, heads, length, value_dim, generator=gen, dtype=torch.float64),
+    }
+    if use_bias:
+        leaves["bias"] = torch.randn(2 * window - 1, generator=gen, dtype=torch.float64)
+    codebook = torch.randn(1 if shared_codebook else heads, size, dim, generator=gen,
+                           dtype=torch.float64)
+    grad_out = torch.randn(batch, heads, length, value_dim, generator=gen, dtype=torch.float64)
+    move = {name: x.to(device) for name, x in leaves.items()}
+    return move, codebook.to(device), codes.to(device), grad_out.to(device)
+
+
+def run(fn, leaves, codebook, codes, grad_out, dtype, **options):
+    """Output and gradients wrt q, k (through k_hat = codebook[codes] + k - sg(k)), v, bias, with
+    every input rounded to ``dtype`` first (the oracle then sees the same values)."""
+    inputs = {name: x.detach().to(dtype).requires_grad_() for name, x in leaves.items()}
+    book = codebook.to(dtype)
+    heads = torch.arange(codes.shape[1], device=codes.device)[None, :, None]
+    head_index = heads if book.shape[0] > 1 else torch.zeros_like(heads)
+    k_hat = book[head_index, codes] + (inputs["k"] - inputs["k"].detach())
+    out = fn(inputs["q"], k_hat, inputs["v"], book, codes, inputs.get("bias"), **options)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out.to(out.dtype))
+    return out, dict(zip(inputs, grads, strict=True))
+
+
+def relative_errors(triton_fn, leaves, codebook, codes, grad_out, dtype, triton_options=None,
+                    **options) -> dict[str, float]:
+    """||ref - x|| / ||ref|| of the output and each gradient: the Triton op on ``dtype`` inputs
+    vs the float64 oracle on the same (rounded) values."""
+    rounded = {name: x.to(dtype).double() for name, x in leaves.items()}
+    ref_o, ref_g = run(vq_attention_naive, rounded, codebook.to(dtype).double(), codes,
+                       grad_out, torch.float64, **options)
+    out, grads = run(triton_fn, leaves, codebook, codes, grad_out, dtype,
+                     **options, **(triton_options or {}))
+    pairs = {"o": (ref_o, out), **{f"d{name}": (ref_g[name], grads[name]) for name in ref_g}}
+    errors = {}
+    for name, (ref, other) in pairs.items():
+        assert other.dtype == dtype, name
+        ref, other = ref.double(), other.double()
+        finite = bool(torch.isfinite(other).all())
+        errors[name] = ((ref - other).norm() / ref.norm().clamp_min(1e-12)).item() if finite \
+            else float("inf")
+    return errors
+
+
+def compare(triton_fn, leaves, codebook, codes, grad_out, dtype, tol, triton_options=None,
+            **options):
+    errors = relative_errors(triton_fn, leaves, codebook, codes, grad_out, dtype,
+                             triton_options, **options)
+    print(errors)
+    for name, error in errors.items():
+        assert error <= tol, f"{name}: relative error {error:.2e} > {tol}"
+
+
+# ------------------------------------------------------------------------ (a) CPU interpreter
+
+# (attn_fn, causal, bias, key_grad, strategy, window, length, chunk, value_dim): every mode
+# ("past", "far" with and without bias, "all"), both key-gradient semantics and both far-key
+# strategies, chunks of 1-3 windows and tiles (16) that do not align with them, L < W, and
+# Dv = 40: three value tiles of 16 (the last one partial)
+INTERPRETER_CASES = [
+    ("softmax", True, True, "ste", "dense", 8, 45, 16, 40),
+    ("softmax", True, True, "ste", "codes", 5, 37, 15, 16),
+    ("laplace", True, False, "window", "auto", 8, 45, 24, 16),
+    ("softmax", False, True, "window", "auto", 5, 37, 10, 40),
+    ("laplace", False, True, "ste", "dense", 8, 45, 16, 16),
+    ("softmax", False, False, "ste", "dense", 8, 45, 8, 16),
+    ("laplace", False, False, "ste", "codes", 8, 45, 16, 40),
+    ("softmax", False, False, "window", "auto", 8, 45, 16, 16),
+    ("laplace", True, True, "ste", "dense", 16, 5, 16, 16),
+]
+STABLE_CASES = [True, False]  # causal: large logits (q x 100) and a bias of -20 (softmax)
+
+
+def _case_id(case) -> str:
+    return "-".join(str(x) for x in case)
+
+
+def _interpreter_case(fn, case) -> dict[str, float]:
+    attn_fn, causal, use_bias, key_grad, strategy, window, length, chunk, value_dim = case
+    leaves, codebook, codes, grad_out = make_case(1, 2, length, 16, value_dim, 19, window,
+                                                  attn_fn, use_bias,
+                                                  shared_codebook=length < window)
+    return relative_errors(fn, leaves, codebook, codes, grad_out, torch.float32,
+                           {"chunk": chunk, "key_grad_strategy": strategy}, attn_fn=attn_fn,
+                           causal=causal, window=window, key_grad=key_grad)  # fmt: skip
+
+
+def _stable_case(fn, causal) -> dict[str, float]:
+    leaves, codebook, codes, grad_out = make_case(1, 2, 40, 16, 16, 11, 8, "softmax", True, 3)
+    leaves["q"] = leaves["q"] * 100.0
+    leaves["bias"] = torch.full_like(leaves["bias"], -20.0)
+    return relative_errors(fn, leaves, codebook, codes, grad_out, torch.float32, {"chunk": 16},
+                           attn_fn="softmax", causal=causal, window=8)
+
+
+def _interpreter_main() -> None:
+    """``TRITON_INTERPRET=1 python -m tests.test_vq_attention_triton``: every interpreter case,
+    one JSON line of relative errors (or the traceback) per case id."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    import triton.runtime.interpreter as interpreter
+
+    # Triton 3.6's interpreter converts a scalar of shape (1,) with int(), which numpy >= 2.4
+    # rejects (triton-lang/triton#9171, "only 0-dimensional arrays can be converted"); its fix:
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    from models.vq_attention.triton import vq_attention_triton
+
+    jobs = {**{_case_id(c): (_interpreter_case, c) for c in INTERPRETER_CASES},
+            **{f"stable-{c}": (_stable_case, c) for c in STABLE_CASES}}
+    results = {}
+    for case_id, (runner, case) in jobs.items():
+        try:
+            results[case_id] = runner(vq_attention_triton, case)
+        except Exception:  # noqa: BLE001 - reported by the test of this case
+            results[case_id] = {"error": traceback.format_exc()}
+    print("INTERPRETER_RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "tests.test_vq_attention_triton"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("INTERPRETER_RESULTS "):
+            return json.loads(line.removeprefix("INTERPRETER_RESULTS "))
+    pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def check_interpreter_result(results: dict, case_id: str, tol: float) -> None:
+    errors = results[case_id]
+    if "error" in errors:
+        pytest.fail(errors["error"])
+    print(errors)
+    for name, error in errors.items():
+        assert error <= tol, f"{name}: relative error {error:.2e} > {tol}"
+
+
+@requires_triton
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=_case_id)
+def test_interpreter_matches_naive(interpreter_results, case):
+    check_interpreter_result(interpreter_results, _case_id(case), INTERPRETER_TOL)
+
+
+@requires_triton
+@pytest.mark.parametrize("causal", STABLE_CASES)
+def test_interpreter_softmax_stable(interpreter_results, causal):
+    """Large logits (q x 100) and a bias of -20 over the window: finite and exact in float32."""
+    check_interpreter_result(interpreter_results, f"stable-{causal}", 1e-4)
+
+
+@requires_triton
+def test_argument_errors(monkeypatch):
+    from models.vq_attention.triton import vq_attention_triton
+
+    leaves, codebook, codes, _ = make_case(1, 2, 20, 16, 16, 7, 4, "softmax", True)
+    q, k, v, bias = (leaves[n].float() for n in ("q", "k", "v", "bias"))
+    options = dict(attn_fn="softmax", causal=True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        vq_attention_triton(q, k, v, codebook.float(), codes, bias, window=4, **options)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check, to the argument checks
+    with pytest.raises(ValueError, match="chunk"):
+        vq_attention_triton(q, k, v, codebook.float(), codes, bias, window=4, chunk=6, **options)
+    with pytest.raises(ValueError, match="float64"):
+        vq_attention_triton(q.double(), k, v, codebook, codes, bias, window=4, **options)
+    with pytest.raises(ValueError, match="window"):  # W = 0 is rejected, as by linear and naive
+        vq_attention_triton(q, k, v, codebook.float(), codes, None, window=0, **options)
+    with pytest.raises(ValueError, match="key_grad_strategy"):
+        vq_attention_triton(q, k, v, codebook.float(), codes, bias, window=4,
+                            key_grad_strategy="fast", **options)  # fmt: skip
+
+
+def test_auto_resolves_to_linear_on_cpu():
+    from models.vq_attention import resolve_impl
+
+    assert resolve_impl("auto", torch.zeros(1)) == "linear"
+    assert resolve_impl("naive", torch.zeros(1)) == "naive"
+    with pytest.raises(ValueError, match="impl"):
+        resolve_impl("fast", torch.zeros(1))
+
+
+# ------------------------------------------------------------------------ (b) CUDA
+
+# (size S, dim D, value dim Dv, window W, chunk or None (default), bias, key_grad, length)
+SHAPES = [
+    (64, 32, 32, 64, 64, True, "ste", 2 * 64 + 7),
+    (256, 64, 192, 128, None, True, "window", 257),  # Dv = 192: two value tiles
+    (1024, 128, 128, 256, 256, False, "ste", 2 * 256 + 7),
+    (128, 64, 32, 64, 128, False, "window", 257),
+]
+# each (attn_fn, causal, dtype) gets 2 shapes; every attn_fn, causal and dtype meets all 4
+GRID = [
+    pytest.param(attn_fn, causal, dtype, SHAPES[(a + c + d + 2 * rep) % 4],
+                 id=f"{attn_fn}-{'causal' if causal else 'bidir'}-{str(dtype)[6:]}-"
+                    f"shape{(a + c + d + 2 * rep) % 4}")
+    for a, attn_fn in enumerate(("softmax", "laplace"))
+    for c, causal in enumerate((True, False))
+    for d, dtype in enumerate((torch.float32, torch.bfloat16))
+    for rep in (0, 1)
+]
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    monkeypatch.setenv("LONGVQ_TRITON_AUTOTUNE", "0")
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(("attn_fn", "causal", "dtype", "shape"), GRID)
+def test_cuda_matches_naive(one_config, attn_fn, causal, dtype, shape):
+    from models.vq_attention.triton import vq_attention_triton
+
+    size, dim, value_dim, window, chunk, use_bias, key_grad, length = shape
+    leaves, codebook, codes, grad_out = make_case(2, 2, length, dim, value_dim, size, window,
+                                                  attn_fn, use_bias, seed=1, device="cuda")
+    compare(vq_attention_triton, leaves, codebook, codes, grad_out, dtype, TOL[dtype],
+            {"chunk": chunk}, attn_fn=attn_fn, causal=causal, window=window, key_grad=key_grad)
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(("attn_fn", "causal", "use_bias"), [("softmax", True, True),
+                                                             ("laplace", False, True),
+                                                             ("softmax", False, False)])
+def test_cuda_codes_strategy_and_shared_codebook(one_config, attn_fn, causal, use_bias):
+    """key_grad="ste" with the torch per-code far-key gradient, one codebook shared by heads."""
+    from models.vq_attention.triton import vq_attention_triton
+
+    leaves, codebook, codes, grad_out = make_case(2, 3, 300, 64, 64, 96, 32, attn_fn, use_bias,
+                                                  seed=2, shared_codebook=True, device="cuda")
+    compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.float32,
+            TOL[torch.float32], {"key_grad_strategy": "codes", "chunk": 64}, attn_fn=attn_fn,
+            causal=causal, window=32)  # fmt: skip
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+def test_autotuned_matches_naive(monkeypatch):
+    """The autotuner's configs compile and agree (bf16, LongVQ-like S = 256, W = 64)."""
+    from models.vq_attention.triton import vq_attention_triton
+
+    monkeypatch.setenv("LONGVQ_TRITON_AUTOTUNE", "1")
+
+    leaves, codebook, codes, grad_out = make_case(2, 2, 2048, 64, 64, 256, 64, "softmax", True,
+                                                  seed=3, device="cuda")
+    compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.bfloat16,
+            TOL[torch.bfloat16], attn_fn="softmax", causal=True, window=64)
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["longvq", "transformer_vq"])
+def test_models_pick_triton_on_cuda(one_config, model):
+    """attn_impl=auto runs the Triton op on CUDA (recorded in backend) and computes what
+    attn_impl=linear computes; attn_impl=linear forces the torch op."""
+    from harness.registry import REGISTRY
+
+    entry = REGISTRY.get(model)
+    torch.manual_seed(0)
+    config = entry.make_config(d_model=64, n_layers=2, head="lm", window=16, codebook_size=32)
+    auto = entry.build(config).cuda().eval()
+    linear = entry.build(config.replace(attn_impl="linear")).cuda().eval()
+    linear.load_state_dict(auto.state_dict())
+    tokens = torch.randint(0, 256, (2, 600), device="cuda")  # 3 chunks of 256: the cache is read
+    out_auto, out_linear = auto(tokens), linear(tokens)
+    assert auto.backend.endswith("vq-triton") and linear.backend.endswith("vq-linear")
+    assert_close("logits", out_linear, out_auto, 1e-3)
+    upstream = torch.randn_like(out_auto)
+    out_auto.backward(upstream)
+    out_linear.backward(upstream)
+    linear_params = dict(linear.named_parameters())
+    for name, param in auto.named_parameters():
+        if param.grad is not None:
+            assert_close(name, linear_params[name].grad, param.grad, 2e-3, floor=1e-6)
+
+
+def test_dispatch_forces_linear_on_request():
+    """impl="auto" on CPU tensors runs the linear op (same values as impl="linear")."""
+    leaves, codebook, codes, grad_out = make_case(1, 2, 30, 8, 8, 7, 4, "softmax", True)
+    options = dict(attn_fn="softmax", causal=True, window=4)
+    auto_o, _ = run(lambda *a, **k: vq_attention(*a, **k, impl="auto"), leaves, codebook, codes,
+                    grad_out, torch.float64, **options)
+    lin_o, _ = run(lambda *a, **k: vq_attention(*a, **k, impl="linear"), leaves, codebook,
+                   codes, grad_out, torch.float64, **options)
+    assert torch.equal(auto_o, lin_o)
+
+
+if __name__ == "__main__":
+    _interpreter_main()
