@@ -29,6 +29,8 @@ gate" ablation, since both gates are computed from the SSM output).
 imports, else ``linear``), ``linear`` (O(L·(S+W)·D) torch, custom backward with full
 straight-through key gradients), ``triton`` (fused kernels, CUDA) or ``naive`` (materialises the
 L×L matrix: the oracle). ``backend`` records the one that ran (``...+vq-triton``).
+``key_norm`` (off by default, not in the paper): K is scaled to norm √z_dim before quantising,
+as Transformer-VQ normalises its keys; an experiment against the codebook collapse seen on MQAR.
 ``key_grad``: ``ste`` (default, dK = dK̂ from every query) or ``window`` (Transformer-VQ's
 semantics: keys get gradient only from the queries of their exact local blocks).
 """
@@ -69,6 +71,7 @@ class LongVQConfig(ModelConfig):
     vq: bool = True  # off: full attention on un-quantised keys (quadratic ablation)
     gate: bool = True  # off: no attention/output gates (plain residual)
     commitment: float = 1e-3  # beta of the commitment loss
+    key_norm: bool = False  # on: K scaled to norm sqrt(z_dim) before quantising (codes on a sphere)
     vq_decay: float = 0.99  # EMA k-means decay
     dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this (0: never)
     codebook_init: str = "batch"  # batch: codes copied from the first training batch's keys
@@ -169,6 +172,8 @@ class LongVQLayer(nn.Module):
         mx = memory if self.cfg.ssm == "ema" else F.silu(memory)  # X'
         z = F.silu(self.proj_z(mx))
         q, k = self.q_affine(z), self.k_affine(z)
+        if self.cfg.key_norm:  # Transformer-VQ normalises keys, which keeps k-means codes in use
+            k = F.normalize(k, dim=-1) * self.cfg.z_dim ** 0.5
         v = F.silu(self.proj_v(x))
         o = self.attend(q, k, v)
         if self.cfg.gate:

@@ -61,7 +61,7 @@ def _copy_shared(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("attn_fn", "laplace"), ("local_bias", False), ("window", 4), ("ssm", "ema"),
-    ("vq", False), ("gate", False), ("codebook_size", 4),
+    ("vq", False), ("gate", False), ("codebook_size", 4), ("key_norm", True),
 ])
 def test_each_ablation_field_changes_the_output(field, value):
     base = build().eval()

@@ -202,7 +202,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--test-batches", dest="test_batches", type=int, default=None,
                    help="test batches at the end, 0 = the whole test split (0)")
     p.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
-                   help="seconds after which training stops early and evaluates (0 = none)")
+                   help="seconds of training after the first step (which holds one-off "
+                        "compiles) after which training stops early and evaluates (0 = none)")
     p.add_argument("--eval-seq-len", dest="eval_seq_len", type=int, default=None,
                    help="also test the selected weights at this length, e.g. 65536 after "
                    "training at 16384 (0 = no)")
