@@ -317,13 +317,24 @@ def test_preset_and_sweep_at_16k():
     assert get_preset("lm-bytes-16k")["seq_len"] == 16384
     _, model_cfg = model_config(cfg, build_task(cfg))
     assert model_cfg.head == "lm" and model_cfg.causal  # longvq's causal mode, from the task
-    (spec,) = load_sweep_file(REPO / "sweeps" / "lm_bytes_16k.toml")
-    cells = plan_sweep(spec, "cpu", "fp32", quick=False)  # builds every task and model config
+    cells = {}  # two sweeps (FFN width differs so that parameter counts match)
+    for spec in load_sweep_file(REPO / "sweeps" / "lm_bytes_16k.toml"):
+        cells.update(plan_sweep(spec, "cpu", "fp32", quick=False))  # builds tasks and configs
     assert sorted(c.model for c in cells.values()) == sorted(
         ["longvq", "transformer_vq", "ovq_attn", "transformer_sdpa", "mamba2", "linear_attn"])
     budgets = {(c.describe["steps"], c.describe["batch"], c.describe["seq_len"],
                 c.describe["eval_seq_len"], c.describe["task"]) for c in cells.values()}
-    assert budgets == {(2000, 8, 16384, 65536, "lm-bytes")}  # one token budget for all
+    assert budgets == {(300, 4, 16384, 65536, "lm-bytes")}  # one token budget for all
+    params = []  # the fairness rule: parameter counts within 10 %
+    for spec in load_sweep_file(REPO / "sweeps" / "lm_bytes_16k.toml"):
+        for name in spec.grid["model"]:
+            entry = REGISTRY.get(name)
+            fields = entry.config_cls.__dataclass_fields__
+            sizes = {k: v for k, v in spec.base.items() if k in fields}
+            model = entry.build(entry.make_config(**sizes, head="lm", vocab_size=256,
+                                                  n_classes=256))
+            params.append(sum(t.numel() for t in model.parameters()))
+    assert len(params) == 6 and max(params) <= 1.1 * min(params), params
 
 
 @pytest.mark.parametrize(("task", "options"), [
