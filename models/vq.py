@@ -173,12 +173,12 @@ class VectorQuantizer(nn.Module):
         flat_codes = codes.transpose(0, 1).reshape(heads, -1)
         counts = torch.zeros(heads, self.codebook_size, device=k.device)
         counts.scatter_add_(1, flat_codes, weights.expand(heads, -1).contiguous())
-        if init_now:
+        if update:
             codebook = codebook.clone()  # the returned snapshot must survive the update
-            self._init_from(flat, weights, generator)
-        elif update:
-            codebook = codebook.clone()
-            self._ema_update(flat, flat_codes, weights, counts, generator)
+            if init_now:
+                self._init_from(flat, weights, generator)
+            else:
+                self._ema_update(flat, flat_codes, weights, counts, generator)
 
         stats: dict[str, float] = {}
         utilisation = perplexity = math.nan
