@@ -338,7 +338,14 @@ def run_sweep(spec: SweepSpec, store: Store, cells: dict[str, Cell], seed: int =
 
     def optimize(n_trials: int | None) -> None:
         with interrupts.installed():
-            study.optimize(objective, n_trials=n_trials)
+            try:
+                study.optimize(objective, n_trials=n_trials)
+            except (RuntimeError, ValueError) as exc:
+                # Two workers can pop the same enqueued trial; the second one's tell then finds
+                # it finished. The cell itself is claimed in the store, and the completion pass
+                # below takes whatever is still missing, so this worker just moves on.
+                if "Cannot tell a" not in str(exc):
+                    raise
         if stopping:
             raise stopping[0]
         interrupts.raise_pending()
