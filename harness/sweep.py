@@ -342,9 +342,11 @@ def run_sweep(spec: SweepSpec, store: Store, cells: dict[str, Cell], seed: int =
                 study.optimize(objective, n_trials=n_trials)
             except (RuntimeError, ValueError) as exc:
                 # Two workers can pop the same enqueued trial; the second one's tell then finds
-                # it finished. The cell itself is claimed in the store, and the completion pass
-                # below takes whatever is still missing, so this worker just moves on.
-                if "Cannot tell a" not in str(exc):
+                # it finished (UpdateFinishedTrialError or "Cannot tell a PRUNED trial"). The
+                # cell itself is claimed in the store, and the completion pass below takes
+                # whatever is still missing, so this worker just moves on.
+                finished = isinstance(exc, optuna.exceptions.UpdateFinishedTrialError)
+                if not finished and "Cannot tell a" not in str(exc):
                     raise
         if stopping:
             raise stopping[0]
