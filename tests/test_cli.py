@@ -45,6 +45,8 @@ def test_interrupt_keeps_finished_rows_and_rerun_finishes(tmp_path, monkeypatch)
 
     monkeypatch.setattr(harness.runner, "run_cell", interrupt_second)
     assert run_efficiency(tmp_path) == 130
+    partial = pd.read_csv(tmp_path / "out" / "efficiency.csv")  # written for what finished
+    assert list(partial["status"]) == ["ok"]
     monkeypatch.setattr(harness.runner, "run_cell", real_run_cell)
     ran = []
     monkeypatch.setattr(harness.runner, "run_cell",

@@ -133,27 +133,30 @@ def run(args: argparse.Namespace, console: Console) -> int:
             if args.fail_fast and record is not None and record.status != "ok":
                 raise FailFast(f"{label}: {record.status} {record.message[:200]}")
 
+        exit_code = 0
         try:
             run_cells(planned, store, force=args.force, on_cell=on_cell,
                       skip_after_failure=settings.skip_after_failure)
         except KeyboardInterrupt:
+            # the finished rows still get their tables and files (a long sweep cut by a time
+            # limit keeps its partial results); a rerun measures only what is missing
             done = sum(store.is_finished(p.key) for p in planned)
             console.print(
                 f"[red]interrupted[/red]: {done}/{len(planned)} cells are in the store;"
-                " rerun the same command to finish the rest"
+                " rerun the same command to finish the rest (tables below: finished cells)"
             )
-            return 130
+            exit_code = 130
         except FailFast as exc:
             console.print(f"[red]stopped (--fail-fast)[/red]: {exc}")
             return 1
     frame = results_frame(store, planned)
     if preset is not None:
         print_preset(frame, preset.name, Path(args.out) if args.out else None, console)
-        return 0
+        return exit_code
     print_efficiency_table(frame, console)
     if args.out:
         write_outputs(frame, Path(args.out), console)
-    return 0
+    return exit_code
 
 
 def announce_preset(settings: Settings, args: argparse.Namespace, console: Console) -> None:
