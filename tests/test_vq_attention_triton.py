@@ -330,9 +330,14 @@ def test_models_pick_triton_on_cuda(one_config, model):
     out_auto.backward(upstream)
     out_linear.backward(upstream)
     linear_params = dict(linear.named_parameters())
+    # The key offset's gradient is 0 in exact arithmetic (softmax is unchanged when every key
+    # moves by one vector; eval mode: no commitment loss), so both paths give rounding noise
+    # (~4e-8 in fp32, ~1e-16 in fp64, where the largest gradient is ~5e3): a gradient is
+    # compared on its own scale, floored at 1e-6 of the model's largest one.
+    scale = max(p.grad.norm().item() for p in linear.parameters() if p.grad is not None)
     for name, param in auto.named_parameters():
         if param.grad is not None:
-            assert_close(name, linear_params[name].grad, param.grad, 2e-3, floor=1e-6)
+            assert_close(name, linear_params[name].grad, param.grad, 2e-3, floor=1e-6 * scale)
 
 
 def test_dispatch_forces_linear_on_request():
