@@ -11,7 +11,7 @@ from harness.registry import REGISTRY
 from models.vq_attention import vq_attention_linear, vq_attention_naive
 from tests.conftest import requires_cuda
 
-pytestmark = requires_cuda
+pytestmark = [requires_cuda, pytest.mark.gpu]
 
 
 def rel(ref: torch.Tensor, other: torch.Tensor) -> float:
