@@ -8,9 +8,11 @@ a backward is timed); a failing implementation is reported as ``wrong`` and not 
 report the speed of a wrong kernel).
 
 Implementations (``IMPLS``):
-  naive, linear, linear-window, triton, triton-window  VQ attention (models/vq_attention): the
-      oracle, the torch linear path, the fused Triton kernels; "-window" = key_grad="window"
-      (Transformer-VQ's key gradient, fully in Triton), otherwise key_grad="ste";
+  naive, linear, linear-window, triton, triton-window, triton-split  VQ attention
+      (models/vq_attention): the oracle, the torch linear path, the fused Triton kernels;
+      "-window" = key_grad="window" (Transformer-VQ's key gradient, fully in Triton), otherwise
+      key_grad="ste"; "-split": ste with the far query rows of dK in a second kernel
+      (key_grad_strategy="split");
   sdpa-flash  exact softmax attention, ``scaled_dot_product_attention`` forced to the flash
       backend (no bias, no VQ: the quadratic reference speed), CUDA only;
   fla-linear  fla's ``chunk_linear_attn`` on elu+1 features (causal only; no normaliser: the raw
@@ -24,6 +26,7 @@ plus, for softmax, the fp32 log-sum-exp (B H L), divided by the time; ``bw_frac`
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -62,16 +65,18 @@ class Impl:
     vq: bool  # a VQ-attention op (checked against the oracle) or a reference kernel
     key_grad: str = "ste"
     description: str = ""
+    strategy: str = "auto"  # Triton key_grad="ste": how dK over the far keys is computed
 
 
-def _vq_fn(name: str) -> Callable:
+def _vq_fn(impl: str) -> Callable:
+    name = IMPLS[impl].name
     if name == "naive":
         return vq_attention_naive
     if name.startswith("linear"):
         return vq_attention_linear
     from models.vq_attention.triton import vq_attention_triton
 
-    return vq_attention_triton
+    return functools.partial(vq_attention_triton, key_grad_strategy=IMPLS[impl].strategy)
 
 
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
@@ -80,10 +85,12 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("linear-window", True, "window", "VQ attention, torch linear path (key_grad=window)"),
     Impl("triton", True, description="VQ attention, fused Triton kernels (key_grad=ste)"),
     Impl("triton-window", True, "window", "VQ attention, fused Triton kernels (key_grad=window)"),
+    Impl("triton-split", True, description="VQ attention, Triton kernels (key_grad=ste), the far "
+         "rows of dK in their own kernel spread over many programs", strategy="split"),
     Impl("sdpa-flash", False, description="exact softmax attention, SDPA flash backend, no bias"),
     Impl("fla-linear", False, description="fla chunk_linear_attn (elu+1 features), causal"),
 )}
-DEFAULT_IMPLS = {"cuda": "triton,triton-window,linear,sdpa-flash,fla-linear",
+DEFAULT_IMPLS = {"cuda": "triton,triton-split,triton-window,linear,sdpa-flash,fla-linear",
                  "cpu": "naive,linear"}
 
 
@@ -143,7 +150,7 @@ def run_op(impl: str, inputs, shape: OpShape, backward: bool) -> torch.Tensor:
     q, k_hat, v, codebook, codes, bias = inputs
     name = IMPLS[impl].name
     if IMPLS[impl].vq:
-        out = _vq_fn(name)(q, k_hat, v, codebook, codes, bias, attn_fn=shape.attn_fn,
+        out = _vq_fn(impl)(q, k_hat, v, codebook, codes, bias, attn_fn=shape.attn_fn,
                            causal=shape.causal, window=shape.window,
                            key_grad=IMPLS[impl].key_grad)
     elif name == "sdpa-flash":
@@ -180,7 +187,7 @@ def check_against_naive(impl: str, shape: OpShape, device: str, dtype: torch.dty
     inputs = make_inputs(shape, check_length(shape), device, dtype, seed=123)
     options = dict(attn_fn=shape.attn_fn, causal=shape.causal, window=shape.window,
                    key_grad=IMPLS[impl].key_grad)
-    fn = _vq_fn(IMPLS[impl].name)
+    fn = _vq_fn(impl)
 
     def outputs(op, tensors, upstream):
         tensors = _differentiable(tensors)

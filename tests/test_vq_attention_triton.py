@@ -116,6 +116,11 @@ INTERPRETER_CASES = [
     ("laplace", False, False, "ste", "codes", 8, 45, 16, 40),
     ("softmax", False, False, "window", "auto", 8, 45, 16, 16),
     ("laplace", True, True, "ste", "dense", 16, 5, 16, 16),
+    # "split": the far query rows in their own kernel, over 3 slices of query chunks
+    ("softmax", True, True, "ste", "split", 8, 45, 16, 40),
+    ("laplace", True, False, "ste", "split", 5, 37, 10, 16),
+    ("softmax", False, True, "ste", "split", 5, 37, 10, 16),
+    ("laplace", False, False, "ste", "split", 8, 45, 8, 40),
 ]
 STABLE_CASES = [True, False]  # causal: large logits (q x 100) and a bias of -20 (softmax)
 
@@ -278,17 +283,20 @@ def test_cuda_matches_naive(one_config, attn_fn, causal, dtype, shape):
 @requires_triton
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["codes", "split"])
 @pytest.mark.parametrize(("attn_fn", "causal", "use_bias"), [("softmax", True, True),
                                                              ("laplace", False, True),
                                                              ("softmax", False, False)])
-def test_cuda_codes_strategy_and_shared_codebook(one_config, attn_fn, causal, use_bias):
-    """key_grad="ste" with the torch per-code far-key gradient, one codebook shared by heads."""
+def test_cuda_far_key_strategies_and_shared_codebook(one_config, strategy, attn_fn, causal,
+                                                     use_bias):
+    """key_grad="ste" with the far-key gradient from torch per-code states ("codes") or from the
+    far-row Triton kernel over 5 slices of query chunks ("split"); one codebook for all heads."""
     from models.vq_attention.triton import vq_attention_triton
 
     leaves, codebook, codes, grad_out = make_case(2, 3, 300, 64, 64, 96, 32, attn_fn, use_bias,
                                                   seed=2, shared_codebook=True, device="cuda")
     compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.float32,
-            TOL[torch.float32], {"key_grad_strategy": "codes", "chunk": 64}, attn_fn=attn_fn,
+            TOL[torch.float32], {"key_grad_strategy": strategy, "chunk": 64}, attn_fn=attn_fn,
             causal=causal, window=32)  # fmt: skip
 
 
@@ -303,8 +311,10 @@ def test_autotuned_matches_naive(monkeypatch):
 
     leaves, codebook, codes, grad_out = make_case(2, 2, 2048, 64, 64, 256, 64, "softmax", True,
                                                   seed=3, device="cuda")
-    compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.bfloat16,
-            TOL[torch.bfloat16], attn_fn="softmax", causal=True, window=64)
+    for strategy in ("dense", "split"):  # split: dk_far restores dk between autotune trials
+        compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.bfloat16,
+                TOL[torch.bfloat16], {"key_grad_strategy": strategy}, attn_fn="softmax",
+                causal=True, window=64)
 
 
 @requires_triton

@@ -36,6 +36,11 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
     key_grad="ste" with the "dense" strategy, from every (query, key) pair (the far ones without
     bias: their P'_{i, s_j} is the code weight), i.e. dL/dk_hat of the oracle, O(L^2 D) tiles,
     no L x L tensor.
+  key_grad="ste" with the "split" strategy: ``_bwd_dkdv_kernel`` sums dk_hat over the band
+  rows only, and ``_bwd_dk_far_kernel`` adds the far rows (more than W from the key tile: no
+  bias, no mask), one program per (key tile, slice of query chunks), atomically into an fp32
+  dk: the same O(L^2 D) tiles as "dense", spread over many programs instead of one long loop
+  per key tile (and without the dv accumulator in registers).
   key_grad="ste" with the "codes" strategy (auto above ``DENSE_MAX_LEN``): the Triton kernel
   gives the local-block part and ``_key_grad.code_key_grad`` (torch, per-code D x Dv states)
   the far part, from code weights computed in torch ((B, H, L, S), this backward only).
@@ -73,6 +78,9 @@ CHUNK_TARGET = 256  # positions per query chunk (rounded to whole windows), see 
 # key_grad="ste", strategy "auto": Triton dense tiles (O(L^2 D), fast on tensor cores) up to this
 # length, then torch per-code states (O(L S D Dv)).
 DENSE_MAX_LEN = 65536
+TRITON_KEY_GRAD_STRATEGIES = (*KEY_GRAD_STRATEGIES, "split")
+# key_grad="ste", strategy "split": programs of the far-row dk kernel to aim for (a few per SM)
+FAR_PROGRAMS = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = {"past": 0, "far": 1, "all": 2}
 
@@ -443,12 +451,14 @@ def _bwd_dkdv_kernel(
     L, S, W, CH, n_chunks, g_entries, sm_scale, inv_len, L_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DK_ALL: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DK_PAIRS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dv (one value tile) and, in the programs of value tile 0, dk_hat of one key tile: loop
-    over the query tiles whose band holds it (DK_ALL, tile 0: every query that sees it), then
-    dv += G[s_j] (the code part)."""
+    over the query tiles whose band holds it, then dv += G[s_j] (the code part). DK_PAIRS: the
+    (query, key) pairs dk_hat sums over: 0 the exact local blocks (key_grad="window"); 1 every
+    pair (key_grad="ste", "dense": tile 0 loops over every query that sees the key); 2 every
+    pair of the band rows (ste, "split": ``_bwd_dk_far_kernel`` adds the other rows)."""
     pid = tl.program_id(0)
     n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
     bh = (tl.program_id(1) // n_e).to(tl.int64)
@@ -476,7 +486,7 @@ def _bwd_dkdv_kernel(
         band_hi = band_lo
     q_lo = band_lo
     q_hi = band_hi
-    if DK_ALL:
+    if DK_PAIRS == 1:
         if et == 0:  # dk from every query that sees the key
             q_hi = q_hi * 0 + L
             if not CAUSAL:
@@ -500,7 +510,7 @@ def _bwd_dkdv_kernel(
             p = tl.exp(tl.where(valid, logit - lse[None, :], float("-inf")))
         else:
             p = tl.where(valid, _phi(logit), 0.0)
-        # "all": no band, every key's dv comes from its code; DK_ALL: skip the far tiles
+        # "all": no band, every key's dv comes from its code; DK_PAIRS 1: skip the far tiles
         if MODE != 2:
             if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
                 chunk = rows // CH
@@ -523,7 +533,7 @@ def _bwd_dkdv_kernel(
                 ds = p * (dp - delta[None, :])
             else:
                 ds = tl.where(valid, _dphi(logit) * dp, 0.0)
-            if DK_ALL:
+            if DK_PAIRS != 0:
                 dk_pairs = valid
             else:  # exact local blocks: block(i) - block(j) in {0, 1} (causal) or {-1, 0, 1}
                 gap = rows[None, :] // W - cols[:, None] // W
@@ -548,6 +558,87 @@ def _bwd_dkdv_kernel(
              mask=col_ok[:, None] & d_ok[None, :] & (et == 0))
     tl.store(DV_OUT + (bh * L + cols[:, None]) * DV + offs_e[None, :],
              dv.to(DV_OUT.dtype.element_ty), mask=g_mask)
+
+
+@triton.jit
+def _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, lo, hi, L, sm_scale, inv_len,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr,
+                 PREC: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """dk += sum over the query rows [lo, hi) of dS_ij s_i q_i for the key tile ``cols``: rows
+    more than W from every key of the tile (no bias, every pair valid), read exactly."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for i0 in range(lo, hi, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
+        logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
+        valid = row_ok[None, :] & col_ok[:, None]
+        dp = tl.zeros(logit.shape, tl.float32)
+        for e0 in range(0, DV, BLOCK_DV):
+            offs_c = e0 + tl.arange(0, BLOCK_DV)
+            c_ok = offs_c < DV
+            v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_c[None, :],
+                        mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+            do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_c[None, :],
+                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            dp += tl.dot(v, tl.trans(do), input_precision=PREC)
+        if IS_SOFTMAX:
+            lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+            p = tl.exp(tl.where(valid, logit - lse[None, :], float("-inf")))
+            ds = p * (dp - delta[None, :])
+        else:
+            ds = tl.where(valid, _dphi(logit) * dp, 0.0)
+        dk += tl.dot((ds * scale[None, :]).to(q.dtype), q, input_precision=PREC)
+    return dk
+
+
+@triton.jit(do_not_specialize=["L", "W", "CH", "chunks_per_split", "L_BUCKET"])
+def _bwd_dk_far_kernel(
+    Q, K, V, DO, LSE, DELTA, DK,
+    L, W, CH, chunks_per_split, sm_scale, inv_len, L_BUCKET,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """key_grad="ste", strategy "split": the far-query part of dk_hat of one key tile, from the
+    query rows outside the tile's band range (those are > W away: no bias, all pairs valid),
+    restricted to this program's slice of query chunks (axis 2), added atomically into the fp32
+    DK that ``_bwd_dkdv_kernel`` wrote (band rows). Many programs per key tile instead of one
+    long loop: the O(L^2) part runs with the whole GPU busy at small B H."""
+    bh = tl.program_id(1).to(tl.int64)
+    j0 = tl.program_id(0) * BLOCK_N
+    cols = j0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < L
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    j_last = tl.minimum(j0 + BLOCK_N, L) - 1
+    # the band range of ``_bwd_dkdv_kernel`` (empty in mode "all")
+    band_hi = tl.minimum(((j_last + W) // CH + 1) * CH, L)
+    if CAUSAL:
+        band_lo = j0
+    else:
+        band_lo = tl.maximum(((j0 - W + CH) // CH - 1) * CH, 0)
+    if MODE == 2:
+        band_hi = band_lo
+    split_lo = tl.program_id(2) * chunks_per_split * CH
+    split_hi = tl.minimum(split_lo + chunks_per_split * CH, L)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh,
+                      tl.maximum(band_hi, split_lo), split_hi, L, sm_scale, inv_len,
+                      D, DV, BLOCK_D, BLOCK_DV, IS_SOFTMAX, CAUSAL, PREC, BLOCK_M)
+    if not CAUSAL:
+        dk = _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh,
+                          split_lo, tl.minimum(band_lo, split_hi), L, sm_scale, inv_len,
+                          D, DV, BLOCK_D, BLOCK_DV, IS_SOFTMAX, CAUSAL, PREC, BLOCK_M)
+    tl.atomic_add(DK + (bh * L + cols[:, None]) * D + offs_d[None, :], dk,
+                  mask=col_ok[:, None] & d_ok[None, :])
 
 
 # ------------------------------------------------------------------------------ launch configs
@@ -580,6 +671,8 @@ CONFIGS: dict[str, list[triton.Config]] = {
                    [4, 4, 8], [2, 2, 2]),
     "dkdv": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 32, "BLOCK_N": 64},
                       {"BLOCK_M": 64, "BLOCK_N": 128}], [4, 4, 8], [2, 2, 2]),
+    "dk_far": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 64},
+                        {"BLOCK_M": 64, "BLOCK_N": 128}], [4, 8, 8], [3, 3, 2]),
 }
 INTERPRETER_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 16, "BLOCK_S": 16},
@@ -587,6 +680,7 @@ INTERPRETER_META: dict[str, dict[str, int]] = {
     "grad_sums": {"BLOCK_M": 16, "BLOCK_S": 16},
     "dq": _with_block_t({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16}),
     "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16},
+    "dk_far": {"BLOCK_M": 16, "BLOCK_N": 16},
 }
 FALLBACK_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 32, "BLOCK_S": 32},
@@ -594,18 +688,23 @@ FALLBACK_META: dict[str, dict[str, int]] = {
     "grad_sums": {"BLOCK_M": 32, "BLOCK_S": 32},
     "dq": _with_block_t({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32}),
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "dk_far": {"BLOCK_M": 32, "BLOCK_N": 32},
 }
 _KERNELS = {"sums": _chunk_sums_kernel, "fwd": _fwd_kernel, "grad_sums": _grad_sums_kernel,
-            "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+            "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "dk_far": _bwd_dk_far_kernel}
 _TUNE_KEYS = {
     "sums": ["S", "CH", "DV"],
     "fwd": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "grad_sums": ["S", "CH", "D", "DV"],
     "dq": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "dkdv": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
+    "dk_far": ["W", "CH", "D", "DV", "L_BUCKET"],
 }
+# The autotuner runs each config several times: kernels that accumulate atomically get their
+# output reset (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk).
 _TUNED = {name: triton.autotune(CONFIGS[name], key=_TUNE_KEYS[name],
-                                reset_to_zero=["DBIAS"] if name == "dq" else None)(kernel)
+                                reset_to_zero=["DBIAS"] if name == "dq" else None,
+                                restore_value=["DK"] if name == "dk_far" else None)(kernel)
           for name, kernel in _KERNELS.items()}
 
 
@@ -818,8 +917,13 @@ def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out):
         spec.cb_head_stride, sm_scale, inv_len, spec.length_bucket,
         HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
     )
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dk_all = spec.key_grad == "ste" and spec.strategy == "dense"
+    split = spec.key_grad == "ste" and spec.strategy == "split"
+    # "split": the far-row kernel adds into dk atomically, so dk is accumulated in fp32
+    dk = torch.empty(k.shape, device=k.device, dtype=torch.float32) if split else \
+        torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dk_pairs = 0 if spec.key_grad == "window" else {"dense": 1, "codes": 0, "split": 2}[
+        spec.strategy]
     _launch(
         "dkdv", lambda meta: (triton.cdiv(spec.length, meta["BLOCK_N"]),
                               spec.batch_heads * spec.value_tiles),
@@ -827,10 +931,29 @@ def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out):
         bias if bias is not None else dummy, gcat, codes, dk, dv,
         spec.length, spec.size, spec.window, spec.chunk, spec.n_chunks, gcat.shape[1],
         sm_scale, inv_len, spec.length_bucket,
-        HAS_BIAS=spec.has_bias, DK_ALL=dk_all, **spec.constants(q.dtype),
+        HAS_BIAS=spec.has_bias, DK_PAIRS=dk_pairs, **spec.constants(q.dtype),
     )
+    if split:
+        chunks_per_split = -(-spec.n_chunks // _far_splits(spec))
+        _launch(
+            "dk_far", lambda meta: (triton.cdiv(spec.length, meta["BLOCK_N"]), spec.batch_heads,
+                                    -(-spec.n_chunks // chunks_per_split)),
+            q, k, v, grad_out, lse if softmax else dummy, delta if softmax else dummy, dk,
+            spec.length, spec.window, spec.chunk, chunks_per_split, sm_scale, inv_len,
+            spec.length_bucket, **spec.constants(q.dtype),
+        )
     dbias = dbias_rows.sum(0) if spec.has_bias else None
     return dq, dk, dv, dbias, delta
+
+
+def _far_splits(spec: _Spec) -> int:
+    """Programs per key tile of ``_bwd_dk_far_kernel``: enough for ~FAR_PROGRAMS programs in
+    all (64-wide key tiles), at most one per query chunk; 3 in the interpreter (tests cross
+    the slices)."""
+    if interpreting():
+        return min(3, spec.n_chunks)
+    key_tiles = spec.batch_heads * -(-spec.length // 64)
+    return max(1, min(spec.n_chunks, -(-FAR_PROGRAMS // key_tiles)))
 
 
 def _far_key_grad_torch(spec: _Spec, q, k, v, codebook, codes, bias, lse, delta, grad_out):
@@ -940,14 +1063,15 @@ def vq_attention_triton(
 ) -> Tensor:
     """Same contract as ``vq_attention_linear`` (shapes, dtypes, gradients to q, k_hat, v and
     bias; none to codebook and codes), on CUDA tensors (CPU only under TRITON_INTERPRET=1).
-    key_grad_strategy for key_grad="ste": "dense" (Triton, every pair), "codes" (torch per-code
-    states for the far keys) or "auto" ("dense" up to L = DENSE_MAX_LEN). chunk: query chunk
+    key_grad_strategy for key_grad="ste": "dense" (Triton, every pair, in the dk/dv kernel),
+    "split" (Triton, every pair; the far query rows in a second kernel spread over many
+    programs), "codes" (torch per-code states for the far keys) or "auto" ("dense" up to L =
+    DENSE_MAX_LEN). chunk: query chunk
     size CH, a multiple of ``window`` (default ``default_chunk(window)``)."""
     check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
-    if key_grad_strategy not in KEY_GRAD_STRATEGIES:
-        raise ValueError(
-            f"key_grad_strategy={key_grad_strategy!r}; known: {', '.join(KEY_GRAD_STRATEGIES)}"
-        )
+    if key_grad_strategy not in TRITON_KEY_GRAD_STRATEGIES:
+        raise ValueError(f"key_grad_strategy={key_grad_strategy!r}; known: "
+                         f"{', '.join(TRITON_KEY_GRAD_STRATEGIES)}")
     if not q.is_cuda and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}); use impl='linear'")
     kernel_dtype(q, k_hat, v)
