@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -213,6 +214,21 @@ def test_batched_read_back_and_subsampled_curve(monkeypatch):
 def test_time_limit_stops_early_and_evaluates():
     m = train_cell(tiny(steps=50, time_limit_s=1e-9)).metrics
     assert m["stopped_early"] and m["steps_done"] == 1 and "val_acc" in m["curve"][-1]
+
+
+def test_time_limit_clock_starts_after_the_first_step(monkeypatch):
+    """Step 1 (one-off compiles on a GPU) takes 1 s here; a 0.5 s limit still trains all steps."""
+    real_loss, calls = harness.train.task_loss, []
+
+    def slow_first_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(harness.train, "task_loss", slow_first_step)
+    m = train_cell(tiny(steps=6, eval_every=6, time_limit_s=0.5)).metrics
+    assert not m["stopped_early"] and m["steps_done"] == 6
 
 
 def test_store_one_row_and_rerun_skips(tmp_path):
