@@ -46,25 +46,22 @@ exception -> ``error``; :class:`StopTraining` from the step callback -> ``pruned
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from harness import distributed
 from harness.backbone import task_loss
 from harness.config import ModelConfig
+from harness.evaluate import autocast_for, evaluate, task_scores
 from harness.measure import (
-    DTYPES,
     CellOutcome,
     Diverged,
     _summarise_stats,
@@ -74,7 +71,7 @@ from harness.measure import (
 )
 from harness.optim import build_optimizer
 from harness.registry import REGISTRY, Entry
-from harness.tasks import IGNORE_INDEX, TASKS, Batch, Task, TaskConfig
+from harness.tasks import TASKS, Task, TaskConfig
 
 EVAL_SEED = 0  # val/test data are the same for every training seed
 MAX_CURVE_POINTS = 5000  # longer runs log the mean loss of every ceil(steps / 5000) steps
@@ -196,89 +193,6 @@ def lr_scale(step: int, steps: int, warmup_frac: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def correct_and_count(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(number of correct argmax predictions, number of scored targets) for either head."""
-    if logits.dim() == 3:  # lm: (B, L, V) against (B, L)
-        logits, targets = logits.flatten(0, 1), targets.flatten()
-    scored = targets != IGNORE_INDEX
-    return ((logits.argmax(-1) == targets) & scored).sum(), scored.sum()
-
-
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
-
-
-def _add_padded(total: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
-    """total + values, the shorter zero-padded (lm batches may differ in length)."""
-    if total is None:
-        return values
-    if len(values) > len(total):
-        total, values = values, total
-    total[:len(values)] += values
-    return total
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterator[Batch], max_batches: int,
-             device: torch.device, dtype: str) -> dict[str, Any]:
-    """Mean cross-entropy (no aux loss) and accuracy over up to ``max_batches`` (0: all);
-    lm heads add ``position_loss``/``position_count``: (L,) float64 arrays, the summed nats and
-    the number of scored targets at each position."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    count = torch.zeros((), dtype=torch.long, device=device)
-    position_loss: torch.Tensor | None = None
-    position_count: torch.Tensor | None = None
-    n_batches = 0
-    try:
-        for tokens, targets in batches:
-            tokens, targets = tokens.to(device), targets.to(device)
-            with _autocast(device, dtype):
-                logits = model(tokens)
-            logits = logits.float()
-            if logits.dim() == 3:  # lm: score every position, summing per position too
-                per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                            ignore_index=IGNORE_INDEX, reduction="none")
-                per_token = per_token.view(targets.shape).double()
-                loss_sum += per_token.sum()
-                position_loss = _add_padded(position_loss, per_token.sum(0))
-                position_count = _add_padded(position_count,
-                                             (targets != IGNORE_INDEX).sum(0).double())
-            else:
-                loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
-                                            reduction="sum")
-            hits, scored = correct_and_count(logits, targets)
-            correct += hits
-            count += scored
-            n_batches += 1
-            if max_batches and n_batches >= max_batches:
-                break
-    finally:
-        model.train(was_training)
-    total = int(count.item())
-    if total == 0:
-        raise ValueError("evaluation split yielded no targets")
-    result: dict[str, Any] = {"loss": loss_sum.item() / total, "acc": correct.item() / total,
-                              "targets": total}
-    if position_loss is not None and position_count is not None:
-        result.update(position_loss=position_loss.cpu().numpy(),
-                      position_count=position_count.cpu().numpy())
-    return result
-
-
-def task_scores(task: Task, result: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The task's ``position_metrics`` of an evaluation, keys prefixed (none for cls heads)."""
-    if "position_loss" not in result:
-        return {}
-    scores = task.position_metrics(np.asarray(result["position_loss"]),
-                                   np.asarray(result["position_count"]))
-    return {f"{prefix}{k}": v for k, v in scores.items()}
 
 
 def _long_eval(cfg: TrainConfig, task: Task, model: torch.nn.Module,
@@ -449,7 +363,7 @@ def _train(cfg: TrainConfig, task: Task | None, device: torch.device,
         tokens = distributed.shard(tokens, here).to(device, non_blocking=True)
         targets = distributed.shard(targets, here).to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, cfg.dtype):
+        with autocast_for(device, cfg.dtype):
             loss = task_loss(model, forward(tokens), targets)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)

@@ -19,6 +19,7 @@ import harness.train
 from harness.backbone import SequenceModel
 from harness.cli import build_parser, main
 from harness.commands.train import build_config
+from harness.evaluate import correct_and_count
 from harness.presets import PRESETS, get_preset
 from harness.registry import REGISTRY
 from harness.store import Store
@@ -27,7 +28,6 @@ from harness.train import (
     StopTraining,
     TrainConfig,
     TrainInterrupted,
-    correct_and_count,
     lr_scale,
     train_cell,
 )
