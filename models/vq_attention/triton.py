@@ -147,6 +147,21 @@ def _bias_tile(BIAS, offset, W, HAS_BIAS: tl.constexpr):
         return tl.zeros(offset.shape, tl.float32)
 
 
+@triton.jit
+def _dp_tile(dp, V, DO, bh, L, cols, col_ok, rows, row_ok, DV: tl.constexpr,
+             BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """dp += v_j . dO_i over every value tile, for a (key tile, query tile): (BLOCK_N, BLOCK_M)."""
+    for e0 in range(0, DV, BLOCK_DV):
+        offs_c = e0 + tl.arange(0, BLOCK_DV)
+        c_ok = offs_c < DV
+        v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_c[None, :],
+                    mask=col_ok[:, None] & c_ok[None, :], other=0.0)
+        do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_c[None, :],
+                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        dp += tl.dot(v, tl.trans(do), input_precision=PREC)
+    return dp
+
+
 # ------------------------------------------------------------------------------ kernels
 # Sizes and lengths are not specialised on (do_not_specialize): one compile serves every L.
 # Value dims are tiled by BLOCK_DV (<= 128, ``_value_block``): the sums, the forward and the
@@ -519,15 +534,8 @@ def _bwd_dkdv_kernel(
                     in_band = in_band & (cols[:, None] < (chunk[None, :] + 1) * CH + W)
                 dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do, input_precision=PREC)
         if et == 0:
-            dp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for e0 in range(0, DV, BLOCK_DV):
-                offs_c = e0 + tl.arange(0, BLOCK_DV)
-                c_ok = offs_c < DV
-                v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_c[None, :],
-                            mask=col_ok[:, None] & c_ok[None, :], other=0.0)
-                do_c = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_c[None, :],
-                               mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                dp += tl.dot(v, tl.trans(do_c), input_precision=PREC)
+            dp = _dp_tile(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), V, DO, bh, L, cols, col_ok,
+                          rows, row_ok, DV, BLOCK_DV, PREC)
             if IS_SOFTMAX:
                 delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
                 ds = p * (dp - delta[None, :])
@@ -577,15 +585,8 @@ def _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, lo, hi, L, sm_sc
         scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
         logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
         valid = row_ok[None, :] & col_ok[:, None]
-        dp = tl.zeros(logit.shape, tl.float32)
-        for e0 in range(0, DV, BLOCK_DV):
-            offs_c = e0 + tl.arange(0, BLOCK_DV)
-            c_ok = offs_c < DV
-            v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_c[None, :],
-                        mask=col_ok[:, None] & c_ok[None, :], other=0.0)
-            do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_c[None, :],
-                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            dp += tl.dot(v, tl.trans(do), input_precision=PREC)
+        dp = _dp_tile(tl.zeros(logit.shape, tl.float32), V, DO, bh, L, cols, col_ok, rows,
+                      row_ok, DV, BLOCK_DV, PREC)
         if IS_SOFTMAX:
             lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
