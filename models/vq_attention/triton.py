@@ -148,6 +148,21 @@ def _bias_tile(BIAS, offset, W, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _key_band_rows(j0, j_last, L, W, CH, CAUSAL: tl.constexpr, MODE: tl.constexpr):
+    """Query rows [lo, hi) whose band holds a key of the tile [j0, j_last]: chunks c with
+    c CH - W <= j (and, bidirectional, (c + 1) CH + W > j); empty in mode "all". Every row
+    outside is more than W from every key of the tile."""
+    hi = tl.minimum(((j_last + W) // CH + 1) * CH, L)
+    if CAUSAL:
+        lo = j0
+    else:
+        lo = tl.maximum(((j0 - W + CH) // CH - 1) * CH, 0)
+    if MODE == 2:
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
 def _dp_tile(dp, V, DO, bh, L, cols, col_ok, rows, row_ok, DV: tl.constexpr,
              BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
     """dp += v_j . dO_i over every value tile, for a (key tile, query tile): (BLOCK_N, BLOCK_M)."""
@@ -490,15 +505,7 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     j_last = tl.minimum(j0 + BLOCK_N, L) - 1
-    # queries whose band holds a key of this tile: chunk c with c CH - W <= j (and, when
-    # bidirectional, (c + 1) CH + W > j)
-    band_hi = tl.minimum(((j_last + W) // CH + 1) * CH, L)
-    if CAUSAL:
-        band_lo = j0
-    else:
-        band_lo = tl.maximum(((j0 - W + CH) // CH - 1) * CH, 0)
-    if MODE == 2:
-        band_hi = band_lo
+    band_lo, band_hi = _key_band_rows(j0, j_last, L, W, CH, CAUSAL, MODE)
     q_lo = band_lo
     q_hi = band_hi
     if DK_PAIRS == 1:
@@ -620,14 +627,7 @@ def _bwd_dk_far_kernel(
     k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     j_last = tl.minimum(j0 + BLOCK_N, L) - 1
-    # the band range of ``_bwd_dkdv_kernel`` (empty in mode "all")
-    band_hi = tl.minimum(((j_last + W) // CH + 1) * CH, L)
-    if CAUSAL:
-        band_lo = j0
-    else:
-        band_lo = tl.maximum(((j0 - W + CH) // CH - 1) * CH, 0)
-    if MODE == 2:
-        band_hi = band_lo
+    band_lo, band_hi = _key_band_rows(j0, j_last, L, W, CH, CAUSAL, MODE)  # rows of dkdv
     split_lo = tl.program_id(2) * chunks_per_split * CH
     split_hi = tl.minimum(split_lo + chunks_per_split * CH, L)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
