@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -64,6 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_out_folder(out: str | None) -> None:
+    """--out names a folder to create or fill: refuse a file there before any work is done
+    (not after an hour of measurements)."""
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -71,6 +79,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # rich wraps at 80 columns when stdout is not a terminal (CI logs, pipes): tables need more
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
+        check_out_folder(getattr(args, "out", None))
         return int(args.func(args, console) or 0)
     except (UsageError, RegistryError, ValueError, FileNotFoundError) as exc:
         if args.debug:

@@ -70,6 +70,22 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, needle):
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
+@pytest.mark.parametrize("command", [
+    ["efficiency", "--models", "transformer_sdpa", "--quick", "--device", "cpu"],
+    ["kernels", "--device", "cpu"],
+    ["report"],
+])
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    import harness.runner
+
+    monkeypatch.setattr(harness.runner, "run_cells", lambda *a, **k: pytest.fail("ran cells"))
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main([*command, "--store", str(tmp_path / "s.db"), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a folder" in err and str(taken) in err
+
+
 def test_unknown_model_suggests_names(tmp_path, capsys):
     assert main(["efficiency", "--models", "transformer_sdp", "--store",
                  str(tmp_path / "s.db")]) == 2
