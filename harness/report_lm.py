@@ -29,6 +29,8 @@ import pandas as pd  # noqa: E402
 from harness.plots import DPI  # noqa: E402
 from harness.report_doc import Block, Bullets, Heading, Images, Table, Text  # noqa: E402
 from harness.report_train import (  # noqa: E402
+    SHARED_MARK,
+    SHARED_NOTE,
     _image,
     _value_text,
     fmt_num,
@@ -36,6 +38,7 @@ from harness.report_train import (  # noqa: E402
     key_fields,
     load_runs,
     mean_std,
+    shared,
     slug,
 )
 from harness.store import Store  # noqa: E402
@@ -131,7 +134,8 @@ def lm_sections(store: Store, out_dir: Path) -> list[Block]:
         "Bits per byte (cross-entropy in nats / ln 2 per predicted byte) on the test split, of "
         "the weights with the lowest val loss; mean ± sample std over seeds, buckets are means "
         "over the positions of the context window they name. tokens/s: training throughput; "
-        "peak MiB: CUDA max allocated (CPU: resident tensors only); both means over seeds.")]
+        "peak MiB: CUDA max allocated (CPU: resident tensors only); both means over seeds."
+        + (f" {SHARED_NOTE}" if shared(runs) else ""))]
     for task, rows in runs.groupby("task", sort=True):
         fields = [f for f in key_fields(rows) if f != "seq_len"][:MAX_KEY_FIELDS]
         blocks.append(Heading(3, f"Task `{task}`"))
@@ -189,7 +193,8 @@ def _table(ok: pd.DataFrame, prefix: str, fields: list[str]) -> Table | None:
                            *(_value_text(first["config"].get(f)) for f in lengths),
                            *(_value_text(first["config"].get(f)) for f in fields),
                            f"{n} ({seeds})", fmt_pm(mean, std, 1.0, 3), *buckets,
-                           fmt_num(group["tokens_per_s"].mean(), 0),
+                           fmt_num(group["tokens_per_s"].mean(), 0)
+                           + (SHARED_MARK if shared(group) else ""),
                            fmt_num(group["peak_mem_mib"].mean()),
                            f"{int(params):,}" if pd.notna(params) else ""])
     return table

@@ -25,7 +25,8 @@ from harness import plots
 from harness.report_doc import Block, Bullets, Heading, Image, Images, Table, Text
 from harness.store import Store
 
-NOTE_FIELDS = ("sweep", "study", "sweep_keys", "tune_space")  # labels, not configuration
+# labels, not configuration; device_shared_by: sweep workers that shared the cell's device
+NOTE_FIELDS = ("sweep", "study", "sweep_keys", "tune_space", "device_shared_by")
 MAX_KEY_FIELDS = 8
 MAX_FAILURES = 20  # failure messages listed per task
 MAX_CURVES = 12  # lines on one learning-curve plot (the best configurations by test accuracy)
@@ -137,8 +138,21 @@ def summary_cells(rows: pd.DataFrame, kind: str) -> list[str]:
     seeds = ",".join(str(s) for s in sorted(ok.loc[ok["test_acc"].notna(), "seed"]))
     return [f"{n} ({seeds})" if n else "0", fmt_pm(mean, std),
             fmt_pm(ok["val_acc_best"].mean(), float("nan")),
-            fmt_num(ok["tokens_per_s"].mean(), 0), fmt_num(ok["peak_mem_mib"].mean()),
-            fmt_num(ok["wall_s"].mean()), statuses(rows)]
+            fmt_num(ok["tokens_per_s"].mean(), 0) + (SHARED_MARK if shared(ok) else ""),
+            fmt_num(ok["peak_mem_mib"].mean()), fmt_num(ok["wall_s"].mean()), statuses(rows)]
+
+
+SHARED_MARK = " †"
+SHARED_NOTE = (f"{SHARED_MARK.strip()} measured by a sweep worker that shared its device with "
+               "other workers (`sweep --workers N`): cells may have run side by side, so these "
+               "tokens/s are not clean speed numbers (peak memory is per process and is).")
+
+
+def shared(rows: pd.DataFrame) -> bool:
+    """Any of these cells ran in a sweep whose workers shared one device."""
+    if "device_shared_by" not in rows:
+        return False
+    return bool((pd.to_numeric(rows["device_shared_by"], errors="coerce") > 1).any())
 
 
 SUMMARY_HEADER = {
@@ -177,6 +191,7 @@ def training_sections(runs: pd.DataFrame, out_dir: Path) -> list[Block]:
         "the weights with the best validation accuracy (LRA model selection), in %, mean ± "
         "sample std over the seeds that finished; tokens/s, peak MiB and wall s are means over "
         "them. Key fields are those that differ between the task's configurations."
+        + (f" {SHARED_NOTE}" if shared(runs) else "")
         + (f" {len(tuned)} optuna tuning trials are summarised under Optuna studies instead."
            if len(tuned) else "")))
     for task, rows in runs.groupby("task", sort=True):

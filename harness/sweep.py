@@ -48,6 +48,7 @@ from harness.store import FINAL_STATUSES, CellRecord, Store
 
 KINDS = ("train", "efficiency")
 OBJECTIVES = {"train": "test_acc", "efficiency": "tokens_per_s"}
+SHARED_DEVICE_ENV = "LONGVQ_DEVICE_SHARED_BY"  # set by ``sweep --workers N`` for each worker
 
 
 @dataclass
@@ -297,7 +298,10 @@ class SweepProgress:
 def plan_sweep(spec: SweepSpec, device: str, dtype: str, quick: bool) -> dict[str, Cell]:
     """Every cell of the sweep by its params' JSON; a bad value fails here, before any work."""
     spec.validate()
-    note = {"sweep": spec.name, "study": spec.study_name(), "sweep_keys": ",".join(spec.grid)}
+    note = {"sweep": spec.name, "study": spec.study_name(), "sweep_keys": ",".join(spec.grid),
+            # workers of this sweep on this worker's device (CPU or one GPU): > 1 means its
+            # cells may have run side by side, so their tokens/s are not clean speed numbers
+            "device_shared_by": int(os.environ.get(SHARED_DEVICE_ENV, "1"))}
     return {json.dumps(p, sort_keys=True, default=str): make_cell(spec, p, device, dtype, quick,
                                                                   note)
             for p in spec.points()}

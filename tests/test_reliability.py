@@ -283,6 +283,7 @@ def test_four_workers_24_cells_each_run_once(tmp_path):
     runs = Counter(line.split()[0] for line in lines)
     assert set(runs) == set(frame["cell_key"]) and set(runs.values()) == {1}, runs
     assert len({line.split()[1] for line in lines}) >= 2  # the work was shared
+    assert set(frame["device_shared_by"]) == {4}  # four workers on one CPU: speeds not clean
 
 
 # -- 5. determinism on CPU -----------------------------------------------------------------------

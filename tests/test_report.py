@@ -94,7 +94,7 @@ def make_store(path) -> Store:
     for variant, local_bias in (("full", True), ("no-local-bias", False)):
         for seed in (0, 1):
             notes = {"sweep": f"component-{variant}", "study": f"sweep-component-{variant}-1",
-                     "sweep_keys": "seed"}
+                     "sweep_keys": "seed", "device_shared_by": 2}  # 2 workers, one device
             store.write(train_record(f"comp-{variant}-{seed}", "longvq", seed,
                                      0.6 + 0.02 * seed - 0.1 * (not local_bias),
                                      {"codebook_size": 64, "attn_fn": "softmax",
@@ -177,6 +177,14 @@ def test_report_numbers(report):
     assert "61.00 ± 1.41" in table_row(markdown, "component-full", "True", "2 (0,1)")
     assert "51.00 ± 1.41" in table_row(markdown, "component-no-local-bias", "False", "2 (0,1)")
     assert "| -10.00 | 1 |" in table_row(markdown, "False", "2")  # matched across the sweeps
+
+
+def test_report_marks_speeds_measured_on_a_shared_device(report):
+    _, markdown, _ = report
+    assert "shared its device with other workers" in markdown
+    marked = [row for row in markdown.splitlines() if row.startswith("| longvq") and " †" in row]
+    assert len(marked) == 2  # the two component-sweep configurations
+    assert " †" not in table_row(markdown, "transformer_vanilla", "torch-reference", "128")
 
 
 def test_report_images_exist_and_html_is_self_contained(report):

@@ -40,6 +40,7 @@ def test_grid_sweep_runs_8_cells_and_rerun_adds_none(tmp_path, monkeypatch):
     frame = Store(store_path).dataframe("train")
     assert len(frame) == 8 and set(frame["status"]) == {"ok"}
     assert set(frame["sweep"]) == {"cli-attn_fn-codebook_size-local_bias"}
+    assert set(frame["device_shared_by"]) == {1}  # one process: its cells ran alone
     assert len(log.read_text().splitlines()) == 8
     assert main(sweep_argv(store_path)) == 0  # resume: nothing left to run
     assert len(Store(store_path).dataframe("train")) == 8

@@ -133,6 +133,8 @@ def spawn_workers(args: argparse.Namespace, console: Console, device: str) -> in
     """
     import torch
 
+    from harness.sweep import SHARED_DEVICE_ENV
+
     argv = [a for a in sys.argv[1:]]
     if "--workers" in argv:
         index = argv.index("--workers")
@@ -145,6 +147,9 @@ def spawn_workers(args: argparse.Namespace, console: Console, device: str) -> in
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(worker % gpus)
+        # recorded in every row: how many workers share this one's device (GPU or the CPU)
+        env[SHARED_DEVICE_ENV] = str(len(range(worker % gpus, args.workers, gpus)) if gpus
+                                     else args.workers)
         # own process group: Ctrl-C reaches only this parent, which forwards exactly one
         # SIGTERM (= Ctrl-C in a worker) to each worker, also when the parent itself got SIGTERM
         procs.append(subprocess.Popen([sys.executable, str(REPO_ROOT / "run_bench.py"), *argv],
