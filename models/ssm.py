@@ -27,10 +27,12 @@ y_t += sum_{j>=1} k2_j x_{t+j}; ``shift=False`` gives k2_{j-1} at lag -j, like S
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "S4DKernel",
@@ -74,6 +76,45 @@ def _work_dtype(x: Tensor) -> torch.dtype:
 def _no_autocast(x: Tensor) -> torch.autocast:
     # Kernel generation (einsum -> bmm) would otherwise run in bf16/fp16 under CUDA autocast.
     return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+# Kernel generation materialises a (channels, modes, positions) Vandermonde tensor: 2.1 GB per
+# S4D layer at d_model 128, N/2 = 32, L = 64K, kept for the backward. It is built in chunks of
+# this many positions instead, each recomputed in the backward (checkpoint): the memory is one
+# chunk's, the result and the gradients the same.
+KERNEL_CHUNK = 2048
+
+
+def chunked_kernel(piece: Callable[..., Tensor], length: int, *inputs: Tensor) -> Tensor:
+    """``piece(*inputs, start, stop)`` -> (..., stop - start), over [0, length) in chunks of
+    ``KERNEL_CHUNK``, concatenated on the last dim; with gradients each chunk is recomputed in
+    the backward."""
+    chunk = KERNEL_CHUNK
+    if length <= chunk:
+        return piece(*inputs, 0, length)
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    parts = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        if recompute:
+            parts.append(checkpoint(piece, *inputs, start, stop, use_reentrant=False))
+        else:
+            parts.append(piece(*inputs, start, stop))
+    return torch.cat(parts, dim=-1)
+
+
+def _s4d_kernel_piece(weights: Tensor, dt_a: Tensor, start: int, stop: int) -> Tensor:
+    """2 Re(sum_n w_cn exp(dtA_n l)) for l in [start, stop): (channels, H, stop - start)."""
+    positions = torch.arange(start, stop, device=dt_a.device)
+    vander = torch.exp(dt_a.unsqueeze(-1) * positions)  # (H, N/2, stop - start) complex
+    return 2 * torch.einsum("chn,hnl->chl", weights, vander).real
+
+
+def _ema_kernel_piece(coeff: Tensor, log_q: Tensor, weights: Tensor, start: int,
+                      stop: int) -> Tensor:
+    """sum_n w_dn coeff_dn q_dn^l for l in [start, stop): (kernel_dim, stop - start)."""
+    positions = torch.arange(start, stop, device=log_q.device).to(log_q).view(1, 1, -1)
+    return torch.einsum("dnl,dn->dl", coeff * torch.exp(positions * log_q), weights)
 
 
 def _fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
@@ -134,9 +175,8 @@ class S4DKernel(nn.Module):
 
     def forward(self, length: int) -> Tensor:
         dt_a, d_b, c = self.discretize()
-        # Vandermonde: exp(dtA * l) for all l at once; (H, N/2, L) complex, no loop over l.
-        vander = torch.exp(dt_a.unsqueeze(-1) * torch.arange(length, device=dt_a.device))
-        return 2 * torch.einsum("chn,hnl->chl", c * d_b, vander).real
+        # Vandermonde exp(dtA * l), (H, N/2, positions) complex, one chunk of positions at a time
+        return chunked_kernel(_s4d_kernel_piece, length, c * d_b, dt_a)
 
 
 class S4D(nn.Module):
@@ -290,9 +330,8 @@ class MultiHeadEMA(nn.Module):
         """(kernel_dim, Lk): k_l = sum_n gamma_n scale p_n beta_n q_n^l for l < Lk."""
         length = self.kernel_size(length)
         p, q = self.coeffs()
-        vander = torch.arange(length, device=p.device).to(p).view(1, 1, length) * torch.log(q)
-        k = (p * self.beta) * torch.exp(vander)
-        return torch.einsum("dnl,dn->dl", k, self.gamma * self.scale)
+        return chunked_kernel(_ema_kernel_piece, length, p * self.beta, torch.log(q),
+                              self.gamma * self.scale)
 
     def conv_kernel(self, length: int) -> Tensor:
         """Kernel laid out for a circular FFT of length L + Lk (fairseq's ``forward``)."""
