@@ -49,8 +49,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from models.vq_attention._common import compute_dtype, no_autocast
+
+READ_GROUP = 16  # chunks per checkpointed read in training (see ``_chunked``)
 
 
 @dataclass
@@ -226,17 +229,16 @@ def _chunked(q, k, v, chunk, n_max, thr, grad_memory, state0):
         initial = (sums_k0, sums_v0, counts0[..., None])
         before = [x + x0[:, None] for x, x0 in zip(before, initial, strict=True)]
     sums_k, sums_v, counts = before[0], before[1], before[2][..., 0]
-    inv_n = 1.0 / counts.clamp_min(1.0)
-    log_n = torch.where(counts > 0, counts.clamp_min(1.0).log(), -math.inf)
-
-    # read: one softmax over [memory components | causal in-chunk keys]
-    tau = dim**-0.5
-    mem_logits = tau * (qc @ sums_k.transpose(-1, -2)) * inv_n[:, :, None, :] + log_n[:, :, None]
-    future = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    local_logits = (tau * qc @ kc.transpose(-1, -2)).masked_fill(future, -math.inf)
-    weights = torch.cat([mem_logits, local_logits], -1).softmax(-1)
-    means = sums_v * inv_n[..., None]
-    o = weights[..., :n_max] @ means + weights[..., n_max:] @ vc
+    # the read's (chunk x (N + T)) logits and weights of every chunk would be kept for the
+    # backward (GBs at L = 16K, N = 1024): read READ_GROUP chunks at a time, recomputed there
+    inputs = (qc, kc, vc, sums_k, sums_v, counts)
+    if n_chunks > READ_GROUP and torch.is_grad_enabled() and any(
+            x.requires_grad for x in inputs):
+        o = torch.cat([checkpoint(_read, *(x[:, a:a + READ_GROUP] for x in inputs),
+                                  use_reentrant=False)
+                       for a in range(0, n_chunks, READ_GROUP)], dim=1)
+    else:
+        o = _read(*inputs)
     o = o.reshape(batch, heads, n_chunks * chunk, dim_v)[:, :, :length].to(q.dtype)
 
     final = [(x0 + x.sum(1)).detach() for x0, x in zip((sums_k0, sums_v0), per_chunk[:2],
@@ -246,6 +248,21 @@ def _chunked(q, k, v, chunk, n_max, thr, grad_memory, state0):
     state = OVQState(final[0].view(*shape, dim), final[1].view(*shape, dim_v),
                      final_counts.view(shape))  # fmt: skip
     return o, state
+
+
+def _read(qc: Tensor, kc: Tensor, vc: Tensor, sums_k: Tensor, sums_v: Tensor,
+          counts: Tensor) -> Tensor:
+    """Outputs (G, chunks, T, Dv) of chunks that read memories (sums, counts) of shape
+    (G, chunks, N, .): one softmax over [memory components | causal in-chunk keys]."""
+    chunk, n_max, tau = qc.shape[2], counts.shape[-1], qc.shape[-1] ** -0.5
+    inv_n = 1.0 / counts.clamp_min(1.0)
+    log_n = torch.where(counts > 0, counts.clamp_min(1.0).log(), -math.inf)
+    mem_logits = tau * (qc @ sums_k.transpose(-1, -2)) * inv_n[:, :, None, :] + log_n[:, :, None]
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=qc.device).triu(1)
+    local_logits = (tau * qc @ kc.transpose(-1, -2)).masked_fill(future, -math.inf)
+    weights = torch.cat([mem_logits, local_logits], -1).softmax(-1)
+    means = sums_v * inv_n[..., None]
+    return weights[..., :n_max] @ means + weights[..., n_max:] @ vc
 
 
 @torch.no_grad()

@@ -66,6 +66,23 @@ def test_chunked_matches_naive(dtype, length, chunk, n_components, keys, grad_th
     assert (s.active <= n_components).all()
 
 
+@pytest.mark.parametrize("grad_through_memory", [True, False])
+def test_checkpointed_read_groups_match_naive(monkeypatch, grad_through_memory):
+    """Training reads READ_GROUP chunks at a time under checkpoint: 15 chunks in groups of 4
+    (the last partial) give the oracle's output and input gradients."""
+    import models.ovq
+
+    monkeypatch.setattr(models.ovq, "READ_GROUP", 4)
+    leaves = make_inputs(100, "clustered", torch.float64)
+    options = dict(chunk_size=7, n_components=20, new_threshold=0.5,
+                   grad_through_memory=grad_through_memory)  # fmt: skip
+    ref_o, _, ref_g, grad_out = run(ovq_attention_naive, leaves, **options)
+    o, _, g, _ = run(ovq_attention_chunked, leaves, grad_out, **options)
+    assert_close("o", ref_o, o, TOL[torch.float64])
+    for name, ref, other in zip(("dq", "dk", "dv"), ref_g, g, strict=True):
+        assert_close(name, ref, other, TOL[torch.float64])
+
+
 def test_oracle_cases_cover_every_write_branch():
     """Random keys fill the memory (full branch); clustered keys join before it is full."""
     opts = dict(chunk_size=16, new_threshold=0.5)
