@@ -36,9 +36,10 @@ k and v get gradient only from in-chunk attention, q from both.
 one at a time). ``ovq_attention_chunked`` computes the same function in two phases: (1) the
 assignments, sequential over chunks and vectorised within a chunk, under no_grad; (2) every
 chunk's memory (an exclusive prefix sum over chunks of per-component key/value sums and counts)
-and every chunk's read at once, plain autograd. Phase 2 materialises per-chunk memories
-(L/T x N x D per head) and the (L x (N + T)) read weights: O(N D) state for inference (the
-returned ``OVQState``), O(L N) activation memory for training, like the read itself.
+and every chunk's read, plain autograd, in groups of ``READ_GROUP`` chunks: per-group memory
+starts are materialised ((L / T / READ_GROUP) x N x D per head), each group's per-chunk memories
+and (T x (N + T)) read weights only while it runs (recomputed in the backward, checkpoint). O(N D)
+state for inference (the returned ``OVQState``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.vq_attention._common import compute_dtype, no_autocast
 
-READ_GROUP = 16  # chunks per checkpointed read in training (see ``_chunked``)
+READ_GROUP = 16  # chunks per group of phase 2 (see ``_chunked``)
 
 
 @dataclass
@@ -210,44 +211,68 @@ def _chunked(q, k, v, chunk, n_max, thr, grad_memory, state0):
     # phase 1: which component each key joins; slot n_max is a dump for the padding keys
     assign = _assign(kc.detach(), valid, sums_k0, counts0, n_max, thr)
 
-    # phase 2: per-chunk sums and counts, their exclusive prefix sums = the memory each chunk reads
-    first_slot = torch.arange(n_chunks, device=q.device)[:, None] * (n_max + 1)
-    slot = (first_slot + assign).view(groups, -1)  # one (chunk, component) bin per key
-
-    def chunk_sums(x: Tensor) -> Tensor:  # (G, n_chunks, T, E) -> (G, n_chunks, N, E)
-        flat = x.reshape(groups, -1, x.shape[-1])
-        out = flat.new_zeros(groups, n_chunks * (n_max + 1), x.shape[-1])
-        out = out.scatter_add(1, slot[..., None].expand(-1, -1, x.shape[-1]), flat)
-        return out.view(groups, n_chunks, n_max + 1, -1)[:, :, :n_max]
-
+    # phase 2, in groups of READ_GROUP chunks: the memory at the start of each group (earlier
+    # groups' key/value sums and counts, + the initial state), then per group the memory of
+    # each of its chunks and their reads. With gradients each group is recomputed in the
+    # backward (checkpoint): the (chunk x N) memories and (chunk x (N + T)) read weights of
+    # every chunk are never all kept (GBs at L = 16K, N = 1024), only per-group starts.
+    per_group = min(READ_GROUP, n_chunks)
+    n_groups = -(-n_chunks // per_group)
     k_mem, v_mem = (kc, vc) if grad_memory else (kc.detach(), vc.detach())
-    per_chunk = [chunk_sums(k_mem), chunk_sums(v_mem), chunk_sums(torch.ones_like(kc[..., :1]))]
-    before = [  # memory at the start of each chunk: earlier chunks (+ the initial state)
-        torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1).cumsum(1) for x in per_chunk
-    ]
-    if state0 is not None:
-        initial = (sums_k0, sums_v0, counts0[..., None])
-        before = [x + x0[:, None] for x, x0 in zip(before, initial, strict=True)]
-    sums_k, sums_v, counts = before[0], before[1], before[2][..., 0]
-    # the read's (chunk x (N + T)) logits and weights of every chunk would be kept for the
-    # backward (GBs at L = 16K, N = 1024): read READ_GROUP chunks at a time, recomputed there
-    inputs = (qc, kc, vc, sums_k, sums_v, counts)
-    if n_chunks > READ_GROUP and torch.is_grad_enabled() and any(
-            x.requires_grad for x in inputs):
-        o = torch.cat([checkpoint(_read, *(x[:, a:a + READ_GROUP] for x in inputs),
-                                  use_reentrant=False)
-                       for a in range(0, n_chunks, READ_GROUP)], dim=1)
-    else:
-        o = _read(*inputs)
+    group_of = torch.arange(n_chunks, device=q.device) // per_group
+    group_slot = (group_of[:, None] * (n_max + 1) + assign).view(groups, -1)
+    totals = [_bin_sums(x, group_slot, n_groups, n_max)
+              for x in (k_mem, v_mem, torch.ones_like(kc[..., :1]))]
+    starts = [_exclusive_cumsum(x) + x0[:, None]
+              for x, x0 in zip(totals, (sums_k0, sums_v0, counts0[..., None]), strict=True)]
+    recompute = n_groups > 1 and torch.is_grad_enabled() and any(
+        x.requires_grad for x in (qc, kc, vc))
+    outs = []
+    for g in range(n_groups):
+        part = slice(g * per_group, (g + 1) * per_group)
+        args = (qc[:, part], kc[:, part], vc[:, part], k_mem[:, part], v_mem[:, part],
+                assign[:, part], *(x[:, g] for x in starts))
+        outs.append(checkpoint(_group_read, *args, use_reentrant=False) if recompute
+                    else _group_read(*args))
+    o = torch.cat(outs, dim=1)
     o = o.reshape(batch, heads, n_chunks * chunk, dim_v)[:, :, :length].to(q.dtype)
 
-    final = [(x0 + x.sum(1)).detach() for x0, x in zip((sums_k0, sums_v0), per_chunk[:2],
+    final = [(x0 + x.sum(1)).detach() for x0, x in zip((sums_k0, sums_v0), totals[:2],
                                                           strict=True)]  # fmt: skip
-    final_counts = counts0 + per_chunk[2].sum(1)[..., 0]
+    final_counts = counts0 + totals[2].sum(1)[..., 0]
     shape = (batch, heads, n_max)
     state = OVQState(final[0].view(*shape, dim), final[1].view(*shape, dim_v),
                      final_counts.view(shape))  # fmt: skip
     return o, state
+
+
+def _bin_sums(x: Tensor, slot: Tensor, n_bins: int, n_max: int) -> Tensor:
+    """(G, bins, T, E) values summed into their (bin, component) slots -> (G, bins, N, E); slot
+    (G, bins * T) = bin * (N + 1) + component, component N a dump for padding keys."""
+    groups, width = x.shape[0], x.shape[-1]
+    flat = x.reshape(groups, -1, width)
+    out = flat.new_zeros(groups, n_bins * (n_max + 1), width)
+    out = out.scatter_add(1, slot[..., None].expand(-1, -1, width), flat)
+    return out.view(groups, n_bins, n_max + 1, width)[:, :, :n_max]
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    """Sum over the earlier entries of dim 1 (zero for the first)."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1).cumsum(1)
+
+
+def _group_read(qc: Tensor, kc: Tensor, vc: Tensor, k_mem: Tensor, v_mem: Tensor,
+                assign: Tensor, start_k: Tensor, start_v: Tensor, start_n: Tensor) -> Tensor:
+    """Reads of a group of chunks (G, chunks, T, Dv): each chunk's memory is the group's start
+    (G, N, .) plus the sums of the group's earlier chunks (components ``assign``)."""
+    groups, n_chunks = qc.shape[:2]
+    n_max = start_k.shape[1]
+    first_slot = torch.arange(n_chunks, device=qc.device)[:, None] * (n_max + 1)
+    slot = (first_slot + assign).view(groups, -1)  # one (chunk, component) bin per key
+    before = [_exclusive_cumsum(_bin_sums(x, slot, n_chunks, n_max)) + x0[:, None]
+              for x, x0 in zip((k_mem, v_mem, torch.ones_like(kc[..., :1])),
+                               (start_k, start_v, start_n), strict=True)]
+    return _read(qc, kc, vc, before[0], before[1], before[2][..., 0])
 
 
 def _read(qc: Tensor, kc: Tensor, vc: Tensor, sums_k: Tensor, sums_v: Tensor,
