@@ -148,6 +148,58 @@ def _bias_tile(BIAS, offset, W, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(pid, CH, L, BLOCK_M: tl.constexpr):
+    """Program ``pid``'s query tile: its chunk c, first row, rows and their mask (tiles never
+    cross a chunk)."""
+    tiles = tl.cdiv(CH, BLOCK_M)
+    c = pid // tiles
+    in_chunk = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = c * CH + in_chunk
+    return c, c * CH + (pid % tiles) * BLOCK_M, rows, (in_chunk < CH) & (rows < L)
+
+
+@triton.jit
+def _code_span(bh, c, n_cache, S, MODE: tl.constexpr):
+    """The chunk's cache entry and how many codes it reads (causal chunk 0 reads none)."""
+    entry = bh * n_cache + (0 if MODE == 2 else c)
+    s_end = S
+    if MODE == 0:
+        s_end = S * (c > 0).to(tl.int32)
+    return entry, s_end
+
+
+@triton.jit
+def _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """Codes [s0, s0 + BLOCK_S): their indices, mask, vectors and the logits s_i q_i . c_s."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < S
+    cb = tl.load(cb_base + offs_s[:, None] * D + offs_d[None, :],
+                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
+    return offs_s, s_ok, cb, logit
+
+
+@triton.jit
+def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, j0, hi,
+                 HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Band keys [j0, j0 + BLOCK_N) (below ``hi``) of a query tile: their indices, mask, exact
+    vectors, logits s_i q_i . k_j + B_ij and the valid (query, key) pairs."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < hi
+    k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    offset = rows[:, None] - cols[None, :]
+    logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
+    logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
+    valid = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        valid = valid & (offset >= 0)
+    return cols, col_ok, k, logit, valid
+
+
+@triton.jit
 def _key_band_rows(j0, j_last, L, W, CH, CAUSAL: tl.constexpr, MODE: tl.constexpr):
     """Query rows [lo, hi) whose band holds a key of the tile [j0, j_last]: chunks c with
     c CH - W <= j (and, bidirectional, (c + 1) CH + W > j); empty in mode "all". Every row
@@ -234,12 +286,7 @@ def _fwd_kernel(
     n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
     bh = (tl.program_id(1) // n_e).to(tl.int64)
     et = tl.program_id(1) % n_e
-    tiles = tl.cdiv(CH, BLOCK_M)
-    c = pid // tiles
-    tile_start = c * CH + (pid % tiles) * BLOCK_M
-    in_chunk = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = c * CH + in_chunk
-    row_ok = (in_chunk < CH) & (rows < L)
+    c, tile_start, rows, row_ok = _query_tile(pid, CH, L, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
     d_ok = offs_d < D
@@ -251,18 +298,12 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    # code part: the chunk's cache entry (causal chunk 0 reads none)
-    entry = bh * n_cache + (0 if MODE == 2 else c)
+    # code part: the chunk's cache entry
+    entry, s_end = _code_span(bh, c, n_cache, S, MODE)
     cb_base = CB + (bh % H) * cb_head_stride
-    s_end = S
-    if MODE == 0:
-        s_end = S * (c > 0).to(tl.int32)
     for s0 in range(0, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = offs_s < S
-        cb = tl.load(cb_base + offs_s[:, None] * D + offs_d[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
+        offs_s, s_ok, cb, logit = _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC,
+                                               BLOCK_S)
         u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
                     mask=s_ok[:, None] & e_ok[None, :], other=0.0)
         if IS_SOFTMAX:
@@ -283,18 +324,11 @@ def _fwd_kernel(
         last_row = tl.minimum(tile_start + BLOCK_M, tl.minimum((c + 1) * CH, L)) - 1
         lo, hi = _band_bounds(c, last_row, L, W, CH, CAUSAL)
         for j0 in range(lo, hi, BLOCK_N):
-            cols = j0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
-            k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            cols, col_ok, k, logit, valid = _band_logits(
+                q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, j0, hi,
+                HAS_BIAS, CAUSAL, PREC, BLOCK_N)
             v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                         mask=col_ok[:, None] & e_ok[None, :], other=0.0)
-            offset = rows[:, None] - cols[None, :]
-            logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
-            logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
-            valid = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offset >= 0)
             if IS_SOFTMAX:
                 logit = tl.where(valid, logit, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(logit, axis=1))
@@ -378,12 +412,7 @@ def _bwd_dq_kernel(
     """dq of one query tile (code part + band) and its d(bias) row (band tiles' diagonals)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    tiles = tl.cdiv(CH, BLOCK_M)
-    c = pid // tiles
-    tile_start = c * CH + (pid % tiles) * BLOCK_M
-    in_chunk = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = c * CH + in_chunk
-    row_ok = (in_chunk < CH) & (rows < L)
+    c, tile_start, rows, row_ok = _query_tile(pid, CH, L, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
@@ -394,18 +423,12 @@ def _bwd_dq_kernel(
         delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # code part: dL/dlogit_is = P'_is (dO_i . U_s - delta_i n_s) (causal chunk 0 reads none)
-    entry = bh * n_cache + (0 if MODE == 2 else c)
+    # code part: dL/dlogit_is = P'_is (dO_i . U_s - delta_i n_s)
+    entry, s_end = _code_span(bh, c, n_cache, S, MODE)
     cb_base = CB + (bh % H) * cb_head_stride
-    s_end = S
-    if MODE == 0:
-        s_end = S * (c > 0).to(tl.int32)
     for s0 in range(0, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = offs_s < S
-        cb = tl.load(cb_base + offs_s[:, None] * D + offs_d[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
+        offs_s, s_ok, cb, logit = _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC,
+                                               BLOCK_S)
         coeff = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
         for e0 in range(0, DV, BLOCK_DV):
             offs_e = e0 + tl.arange(0, BLOCK_DV)
@@ -429,16 +452,9 @@ def _bwd_dq_kernel(
         lo, hi = _band_bounds(c, last_row, L, W, CH, CAUSAL)
         n_bias = 2 * W - 1
         for j0 in range(lo, hi, BLOCK_N):
-            cols = j0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
-            k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            offset = rows[:, None] - cols[None, :]
-            logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
-            logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
-            valid = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offset >= 0)
+            cols, col_ok, k, logit, valid = _band_logits(
+                q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, j0, hi,
+                HAS_BIAS, CAUSAL, PREC, BLOCK_N)
             dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for e0 in range(0, DV, BLOCK_DV):
                 offs_e = e0 + tl.arange(0, BLOCK_DV)
