@@ -8,6 +8,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ._common import check_choice
 from .linear import vq_attention_linear
 from .naive import vq_attention_naive
 
@@ -30,8 +31,7 @@ def triton_available() -> bool:
 def resolve_impl(impl: str, q: Tensor) -> str:
     """The implementation ``impl`` runs for inputs like ``q``: "auto" is "triton" for CUDA
     float32/bfloat16/float16 inputs when triton imports, "linear" otherwise."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}; known: {', '.join(IMPLS)}")
+    check_choice("impl", impl, IMPLS)
     if impl != "auto":
         return impl
     supported = q.dtype in (torch.float32, torch.bfloat16, torch.float16)

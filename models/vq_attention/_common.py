@@ -50,6 +50,12 @@ def logit_scale(
     return torch.full((padded,), 1.0 / length, dtype=dtype, device=device)
 
 
+def check_choice(field: str, value: str, known: tuple[str, ...]) -> None:
+    """One clear error for an option outside its known values."""
+    if value not in known:
+        raise ValueError(f"{field}={value!r}; known: {', '.join(known)}")
+
+
 def check_inputs(
     q: Tensor,
     k_hat: Tensor,
@@ -61,10 +67,8 @@ def check_inputs(
     window: int,
     key_grad: str = "ste",
 ) -> None:
-    if attn_fn not in ATTN_FNS:
-        raise ValueError(f"attn_fn={attn_fn!r}; known: {', '.join(ATTN_FNS)}")
-    if key_grad not in KEY_GRADS:
-        raise ValueError(f"key_grad={key_grad!r}; known: {', '.join(KEY_GRADS)}")
+    check_choice("attn_fn", attn_fn, ATTN_FNS)
+    check_choice("key_grad", key_grad, KEY_GRADS)
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if q.dim() != 4 or k_hat.shape != q.shape:

@@ -51,6 +51,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._common import (
+    check_choice,
     check_inputs,
     compute_dtype,
     laplace,
@@ -339,9 +340,6 @@ def vq_attention_linear(
     keys' gradient is computed ("codes" | "dense" | "auto": the cheaper, see ``_key_grad``); all
     give the same values."""
     check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
-    if key_grad_strategy not in KEY_GRAD_STRATEGIES:
-        raise ValueError(
-            f"key_grad_strategy={key_grad_strategy!r}; known: {', '.join(KEY_GRAD_STRATEGIES)}"
-        )
+    check_choice("key_grad_strategy", key_grad_strategy, KEY_GRAD_STRATEGIES)
     options = (attn_fn, key_grad, causal, window, key_grad_strategy)
     return _VQAttention.apply(q, k_hat, v, codebook, codes, bias, options)

@@ -68,6 +68,7 @@ from triton.runtime.errors import OutOfResources
 from ._common import (
     LAPLACE_MU,
     LAPLACE_SIGMA,
+    check_choice,
     check_inputs,
     laplace_grad,
     no_autocast,
@@ -1083,12 +1084,10 @@ def vq_attention_triton(
     key_grad_strategy for key_grad="ste": "dense" (Triton, every pair, in the dk/dv kernel),
     "split" (Triton, every pair; the far query rows in a second kernel spread over many
     programs), "codes" (torch per-code states for the far keys) or "auto" ("dense" up to L =
-    DENSE_MAX_LEN). chunk: query chunk
-    size CH, a multiple of ``window`` (default ``default_chunk(window)``)."""
+    DENSE_MAX_LEN). chunk: query chunk size CH, a multiple of ``window`` (default
+    ``default_chunk(window)``)."""
     check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
-    if key_grad_strategy not in TRITON_KEY_GRAD_STRATEGIES:
-        raise ValueError(f"key_grad_strategy={key_grad_strategy!r}; known: "
-                         f"{', '.join(TRITON_KEY_GRAD_STRATEGIES)}")
+    check_choice("key_grad_strategy", key_grad_strategy, TRITON_KEY_GRAD_STRATEGIES)
     if not q.is_cuda and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}); use impl='linear'")
     kernel_dtype(q, k_hat, v)
