@@ -61,7 +61,7 @@ class VQSelfAttention(nn.Module):
                          if cfg.local_bias else None)
         self.backend = f"vq-{'linear' if cfg.attn_impl == 'auto' else cfg.attn_impl}"
         self.aux_loss: torch.Tensor | None = None
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape

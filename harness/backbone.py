@@ -11,7 +11,8 @@ sequence mixer for the models that use it.
 Blocks (or any submodule) may expose:
 - ``backend: str`` — the kernel that actually ran in the last forward (``sdpa-flash``, ...);
 - ``aux_loss: Tensor | None`` — an extra training loss from the last forward (VQ commitment);
-- ``last_stats: dict[str, float]`` — per-layer diagnostics (codebook utilisation, perplexity).
+- ``last_stats: dict[str, float | Tensor]`` — per-layer diagnostics (codebook utilisation,
+  perplexity); 0-d tensors stay on the device until ``layer_stats`` reads them (no sync per step).
 """
 
 from __future__ import annotations

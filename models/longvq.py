@@ -137,7 +137,7 @@ class LongVQLayer(nn.Module):
         self.norm_ffn = nn.LayerNorm(d) if cfg.d_ffn > 0 else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss: torch.Tensor | None = None
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}
         memory_backend = "ssm-fft" if cfg.ssm == "s4d" else "ema-fft"
         impl = "linear" if cfg.attn_impl == "auto" else cfg.attn_impl  # until a forward resolves
         attention = f"vq-{impl}" if cfg.vq else "full-attn"

@@ -42,9 +42,12 @@ class VQOutput:
     codes: Tensor  # (B, H, L) int64
     commit_loss: Tensor  # scalar float32, beta already applied
     codebook: Tensor  # (H, S, dim) float32, the codebook these codes index
-    utilisation: float  # fraction of codes hit in this batch, averaged over heads
-    perplexity: float  # exp(entropy of this batch's code histogram), averaged over heads
-    stats: dict[str, float] = field(default_factory=dict)
+    # fraction of codes hit in this batch, and exp(entropy of its code histogram), both averaged
+    # over heads: 0-d float32 tensors on k's device (float() when read: a device sync, which a
+    # training step should not pay), nan when compute_stats is off
+    utilisation: Tensor
+    perplexity: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 def code_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,7 +75,7 @@ class VectorQuantizer(nn.Module):
         seed: seeds the random codebook init (None: torch's default generator).
         distance_chunk: positions per chunk for the distance/argmin (None: all at once); bounds
             the (B, H, chunk, S) distance tensor.
-        compute_stats: compute utilisation/perplexity as Python floats (one device sync).
+        compute_stats: compute utilisation/perplexity (0-d tensors, no device sync).
     """
 
     def __init__(
@@ -103,7 +106,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(heads, codebook_size))
         self.register_buffer("embed_sum", codebook.clone())
         self.register_buffer("initialised", torch.tensor(not init_from_batch))
-        self.last_stats: dict[str, float] = {}
+        # host copy of ``initialised`` once it is True (it never goes back in training), so a
+        # training step does not sync the device to read the buffer
+        self._initialised_seen = not init_from_batch
+        self.last_stats: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------ lookup
     def distances(self, k: Tensor) -> Tensor:
@@ -159,7 +165,7 @@ class VectorQuantizer(nn.Module):
         weights = valid.reshape(-1).float()
         # Data init happens after this batch is quantised: codes built from the batch's own keys
         # would let a causal model's early positions see later ones on its first step.
-        init_now = update and self.init_from_batch and not bool(self.initialised)
+        init_now = update and self.init_from_batch and not self._is_initialised()
 
         codebook = self.codebook.float()
         codes = self.nearest(k)
@@ -180,14 +186,24 @@ class VectorQuantizer(nn.Module):
             else:
                 self._ema_update(flat, flat_codes, weights, counts, generator)
 
-        stats: dict[str, float] = {}
-        utilisation = perplexity = math.nan
+        stats: dict[str, Tensor] = {}
         if self.compute_stats:
-            util_t, ppl_t = code_stats(counts)
-            utilisation, perplexity = float(util_t), float(ppl_t)
+            utilisation, perplexity = code_stats(counts)
             stats = {"utilisation": utilisation, "perplexity": perplexity}
             self.last_stats = dict(stats)
+        else:
+            utilisation = perplexity = torch.full((), math.nan, device=k.device)
         return VQOutput(k_hat, codes, commit_loss, codebook, utilisation, perplexity, stats)
+
+    def _is_initialised(self) -> bool:
+        if not self._initialised_seen:
+            self._initialised_seen = bool(self.initialised)  # syncs until the data init ran
+        return self._initialised_seen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a loaded state may be an uninitialised one: read the buffer again on the next step
+        self._initialised_seen = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ update
     def _sample_keys(
@@ -215,6 +231,7 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(sampled)
         self.initialised.fill_(True)
+        self._initialised_seen = True
 
     @torch.no_grad()
     def _ema_update(

@@ -88,13 +88,15 @@ def test_stats_hand_made() -> None:
     k = vq.codebook[0, [0, 0, 1, 1]].view(1, 1, 4, 2)  # codes [0, 0, 1, 1]
     out = vq(k)
     assert out.codes.view(-1).tolist() == [0, 0, 1, 1]
-    assert out.utilisation == pytest.approx(0.5) and out.perplexity == pytest.approx(2.0)
+    assert out.utilisation.item() == pytest.approx(0.5)
+    assert out.perplexity.item() == pytest.approx(2.0)
     assert vq.last_stats == {"utilisation": out.utilisation, "perplexity": out.perplexity}
     util, ppl = code_stats(torch.tensor([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
     assert util.item() == pytest.approx(0.75) and ppl.item() == pytest.approx(3.0)
     # a mask drops the pads from the histogram: only code 0 is left
     masked = vq(k, mask=torch.tensor([[True, True, False, False]]))
-    assert masked.utilisation == pytest.approx(0.25) and masked.perplexity == pytest.approx(1.0)
+    assert masked.utilisation.item() == pytest.approx(0.25)
+    assert masked.perplexity.item() == pytest.approx(1.0)
 
 
 def test_commit_loss_value_and_mask() -> None:
@@ -174,7 +176,7 @@ def test_bf16_autocast() -> None:
         out = vq(k)
     assert out.k_hat.dtype == torch.bfloat16 and torch.equal(out.codes, ref_codes)
     assert vq.codebook.dtype == torch.float32 and torch.isfinite(vq.codebook).all()
-    assert out.commit_loss.dtype == torch.float32 and math.isfinite(out.perplexity)
+    assert out.commit_loss.dtype == torch.float32 and math.isfinite(out.perplexity.item())
     (out.k_hat.float().sum() + out.commit_loss).backward()
     assert k.grad is not None and torch.isfinite(k.grad).all()
 
@@ -182,3 +184,31 @@ def test_bf16_autocast() -> None:
 def test_shape_check() -> None:
     with pytest.raises(ValueError):
         VectorQuantizer(4, 8, heads=2)(torch.randn(1, 1, 3, 4))
+
+
+def test_data_init_flag_survives_state_dict_round_trip() -> None:
+    """The host-side copy of ``initialised`` (read without a device sync once True) follows a
+    loaded state: loading an uninitialised state makes the next training step data-init again."""
+    fresh = VectorQuantizer(4, 8, init_from_batch=True).train()
+    trained = VectorQuantizer(4, 8, init_from_batch=True).train()
+    k = torch.randn(2, 1, 12, 4)
+    trained(k)
+    assert bool(trained.initialised)
+    trained.load_state_dict(fresh.state_dict())
+    assert not bool(trained.initialised)
+    trained(k)  # data init again: the codebook becomes 8 of this batch's keys
+    flat = k.reshape(-1, 4)
+    assert all((flat == code).all(-1).any() for code in trained.codebook[0])
+    fresh.load_state_dict(trained.state_dict())
+    before = fresh.codebook.clone()
+    fresh(k)  # initialised state loaded: an EMA step, not a data init
+    assert not all((flat == code).all(-1).any() for code in fresh.codebook[0])
+    assert not torch.equal(before, fresh.codebook)
+
+
+def test_stats_are_tensors_read_lazily() -> None:
+    vq = VectorQuantizer(4, 8).train()
+    out = vq(torch.randn(2, 1, 12, 4))
+    assert isinstance(out.utilisation, torch.Tensor) and out.utilisation.dim() == 0
+    quiet = VectorQuantizer(4, 8, compute_stats=False)(torch.randn(2, 1, 12, 4))
+    assert math.isnan(quiet.perplexity.item()) and quiet.stats == {}
