@@ -21,7 +21,8 @@ Implementations (``IMPLS``):
 Achieved bandwidth (VQ forward rows): the bytes the op must move at least, read q, k_hat
 (B H L D each), v (B H L Dv), codes (B H L, int64), the codebook (H S D) and write O (B H L Dv)
 plus, for softmax, the fp32 log-sum-exp (B H L), divided by the time; ``bw_frac`` is that over
-``peak_gbps`` (H100 SXM HBM3: 3350 GB/s).
+``peak_gbps`` (by device name, ``peak_bandwidth_gbps``: H100 SXM HBM3 3350 GB/s, H200 HBM3e
+4800 GB/s).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ from harness.measure import free_memory, is_oom
 from models.vq_attention import triton_available, vq_attention_linear, vq_attention_naive
 
 H100_PEAK_GBPS = 3350.0
+# vendor peak HBM bandwidth by a substring of torch.cuda.get_device_name (first match wins)
+PEAK_GBPS_BY_DEVICE = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", H100_PEAK_GBPS),
+                       ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0))
+
+
+def peak_bandwidth_gbps(device_name: str) -> float | None:
+    """The vendor's peak memory bandwidth of a GPU named ``device_name``, None if unknown."""
+    for key, gbps in PEAK_GBPS_BY_DEVICE:
+        if key in device_name:
+            return gbps
+    return None
 MODES = ("fwd", "fwd+bwd")
 # relative error (norm) vs the oracle below which an implementation is timed; float32 allows
 # TF32 in torch's matmuls, half precision its rounding of weights, outputs and gradients

@@ -77,3 +77,12 @@ def test_cli_writes_outputs_and_rejects_bad_modes(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:-2], "--modes", "bwd"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_peak_bandwidth_by_device_name() -> None:
+    from harness.kernels import peak_bandwidth_gbps
+
+    assert peak_bandwidth_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert peak_bandwidth_gbps("NVIDIA H200") == 4800.0
+    assert peak_bandwidth_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert peak_bandwidth_gbps("cpu") is None

@@ -24,11 +24,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from harness.kernels import (
         DEFAULT_IMPLS,
+        H100_PEAK_GBPS,
         IMPLS,
         MODES,
         OpShape,
         benchmark,
         check_length,
+        peak_bandwidth_gbps,
         plot_rows,
         rows_as_dicts,
     )
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                         ("--repeats", args.repeats)):
         if value < 1:
             raise UsageError(f"{flag}: {value} must be >= 1")
-    if args.peak_gbps <= 0:
+    if args.peak_gbps is not None and args.peak_gbps <= 0:
         raise UsageError(f"--peak-gbps: {args.peak_gbps} must be > 0")
     shape = OpShape(
         batch=args.batch,
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     )
     dtype = DTYPES[resolve_dtype(args.dtype, device)]
     prov = provenance(torch.device(device))
+    if args.peak_gbps is None:
+        args.peak_gbps = peak_bandwidth_gbps(prov["device"]) or H100_PEAK_GBPS
     console.print(f"[bold]kernels[/bold]: {', '.join(modes)} on {prov['device']}, {shape}, "
                   f"{str(dtype).removeprefix('torch.')}; VQ impls first checked against the "
                   f"naive oracle at L={check_length(shape)}")
@@ -192,8 +196,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_ker.add_argument("--warmup", type=int, default=2,
                        help="untimed runs per cell, at least 1 (2)")
     p_ker.add_argument("--repeats", type=int, default=5, help="timed runs per cell (5)")
-    p_ker.add_argument("--peak-gbps", type=float, default=3350.0,
-                       help="peak memory bandwidth for the %% column (3350: H100 SXM HBM3)")
+    p_ker.add_argument("--peak-gbps", type=float, default=None,
+                       help="peak memory bandwidth (GB/s) for the %% column (default: by device "
+                       "name, H100 SXM 3350, H200 4800; unknown devices 3350)")
     p_ker.add_argument("--cell-budget", type=float, default=60.0,
                        help="seconds; a cell slower than this skips the longer lengths of its "
                        "impl and mode (60)")
