@@ -10,8 +10,9 @@ Layout. Positions are cut into query *chunks* of CH positions (CH a multiple of 
     |i - j| < W pair, where the bias is added;
   - all other keys, read through their codes: sum_s phi(s_i q_i . c_s) U_s with the per-code
     value sums U_s (and counts n_s) of those keys. They are the same for every query of the
-    chunk: one (S, Dv) *chunk cache* entry per chunk, an exclusive prefix (causal) or prefix +
-    suffix (bidirectional) over per-chunk sums (``_chunk_sums_kernel`` + torch cumsum).
+    chunk: one (S, Dv) *chunk cache* entry per chunk, an exclusive prefix (causal:
+    ``_prefix_kernel``) or prefix + suffix (bidirectional: torch cumsums) over per-chunk sums
+    (``_chunk_sums_kernel``).
     Bidirectional without bias (and key_grad="ste"): no band, one cache entry of all keys.
 Keys of the band outside the local blocks are read exactly too: k_hat_j == c_{s_j}, so the value
 is the same as through their code (that is what ``linear.py`` computes with a per-block cache, CH
@@ -22,8 +23,9 @@ Softmax keeps one running max and sum over the code tiles (log-weights s_i q_i .
 n_s as multiplicities, absent codes masked) and the band tiles, and saves lse = m + log(l);
 laplace (Mega: s_i = 1/n_i, unnormalised) just sums. Tiles accumulate in fp32 from fp32 or
 bf16/fp16 inputs (dots: bf16/fp16 on tensor cores, weights rounded to the input dtype before
-the value products as in flash attention; fp32 inputs: 3xTF32 dots; the fp32 cache sums U:
-TF32 with bf16/fp16 inputs).
+the value products as in flash attention; fp32 inputs: 3xTF32 dots). The cache sums U are
+summed in fp32; the forward reads them in bf16 for bf16 inputs (its weights rounded to bf16 like
+the band's), fp32 otherwise (TF32 dots with fp16 inputs); the backward reads fp32 U.
 
 Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py``):
   - ``_bwd_dq_kernel`` per query tile: dq from the code part (s_i sum_s P'_is (dO_i . U_s -
@@ -274,6 +276,22 @@ def _chunk_sums_kernel(
     tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
 
 
+@triton.jit(do_not_specialize=["n_entries", "row_len"])
+def _prefix_kernel(X, OUT, n_entries, row_len, BLOCK: tl.constexpr):
+    """OUT[b, 0] = 0, OUT[b, e + 1] = sum_{e' <= e} X[b, e'] over rows of ``row_len`` floats:
+    the exclusive prefix of the chunk sums, summed in fp32 and stored in OUT's dtype (one pass
+    instead of torch's cumsum + cat + cast)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < row_len
+    acc = tl.zeros([BLOCK], tl.float32)
+    tl.store(OUT + b * (n_entries + 1) * row_len + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+    for e in range(0, n_entries):
+        acc += tl.load(X + (b * n_entries + e) * row_len + offs, mask=ok, other=0.0)
+        tl.store(OUT + (b * (n_entries + 1) + e + 1) * row_len + offs,
+                 acc.to(OUT.dtype.element_ty), mask=ok)
+
+
 @triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
 def _fwd_kernel(
     Q, K, V, CB, U, CNT, BIAS, O, LSE,
@@ -315,10 +333,10 @@ def _fwd_kernel(
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(logit - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p * cnt[None, :], axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, u, input_precision=PREC)
+            acc = acc * alpha[:, None] + tl.dot(p.to(u.dtype), u, input_precision=PREC)
             m_i = m_new
         else:  # absent codes and padded slots have u = 0
-            acc += tl.dot(_phi(logit), u, input_precision=PREC)
+            acc += tl.dot(_phi(logit).to(u.dtype), u, input_precision=PREC)
 
     # band part: exact keys
     if MODE != 2:
@@ -849,27 +867,44 @@ def _exclusive_prefix(x: Tensor) -> Tensor:
     return torch.cat([zero, x.cumsum(1)], dim=1)
 
 
+PREFIX_BLOCK = 1024  # floats of a cache row per program of ``_prefix_kernel``
+
+
+def _exclusive_prefix_triton(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``_exclusive_prefix`` of contiguous fp32 (B, n, ...) chunk sums, in ``dtype``."""
+    out = torch.empty(x.shape[0], x.shape[1] + 1, *x.shape[2:], device=x.device, dtype=dtype)
+    row_len = math.prod(x.shape[2:])
+    block = 16 if interpreting() else PREFIX_BLOCK
+    _prefix_kernel[(triton.cdiv(row_len, block), x.shape[0])](x, out, x.shape[1], row_len,
+                                                              BLOCK=block)
+    return out
+
+
 def _suffix(x: Tensor) -> Tensor:
     """out[:, c] = sum_{e >= c} x[:, e]."""
     return x.flip(1).cumsum(1).flip(1)
 
 
-def _code_cache(spec: _Spec, v: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-    """U (BH, n_cache, S, Dv) and n (BH, n_cache, S): the per-code sums each query chunk reads
-    through codes. Chunk c reads the keys j < c CH - W ("past"), also j >= (c + 1) CH + W
-    ("far"), or all keys ("all")."""
+def _code_cache(spec: _Spec, v: Tensor, codes: Tensor,
+                u_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """U (BH, n_cache, S, Dv), in ``u_dtype`` (summed in fp32), and n (BH, n_cache, S), fp32:
+    the per-code sums each query chunk reads through codes. Chunk c reads the keys
+    j < c CH - W ("past"), also j >= (c + 1) CH + W ("far"), or all keys ("all")."""
     n, w, ch = spec.n_chunks, spec.window, spec.chunk
     if spec.mode == "all":
         sums, counts = _chunk_sums(spec, v, codes, 0, n)
-        return sums.sum(1, keepdim=True), counts.sum(1, keepdim=True)
+        return sums.sum(1, keepdim=True).to(u_dtype), counts.sum(1, keepdim=True)
     # key j joins entry e = (j + W) // CH: read by the chunks c > e
     sums, counts = _chunk_sums(spec, v, codes, -w, n - 1)
-    u, cnt = _exclusive_prefix(sums), _exclusive_prefix(counts)
-    if spec.mode == "far":  # key j (j >= W) joins e = (j - W) // CH - 1: read by chunks c <= e
-        sums, counts = _chunk_sums(spec, v, codes, ch + w, n - 1)
-        u[:, :-1] += _suffix(sums)
-        cnt[:, :-1] += _suffix(counts)
-    return u, cnt
+    cnt = _exclusive_prefix(counts)
+    if spec.mode == "past":
+        return _exclusive_prefix_triton(sums, u_dtype), cnt
+    u = _exclusive_prefix(sums)
+    # "far": key j (j >= W) joins e = (j - W) // CH - 1: read by chunks c <= e
+    sums, counts = _chunk_sums(spec, v, codes, ch + w, n - 1)
+    u[:, :-1] += _suffix(sums)
+    cnt[:, :-1] += _suffix(counts)
+    return u.to(u_dtype), cnt
 
 
 def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:
@@ -898,7 +933,7 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:
 
 
 def _forward(spec: _Spec, q, k, v, cb, codes, bias):
-    u, cnt = _code_cache(spec, v, codes)
+    u, cnt = _code_cache(spec, v, codes, _forward_cache_dtype(q.dtype))
     out = torch.empty(*q.shape[:-1], spec.value_dim, device=q.device, dtype=q.dtype)
     lse = (torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
            if spec.attn_fn == "softmax" else None)
@@ -912,6 +947,13 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
         HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
     )
     return out, lse
+
+
+def _forward_cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The forward reads U in bf16 for bf16 inputs (half the bytes, bf16 tensor-core dots with
+    the weights rounded to bf16 as in the band tiles); fp16 keeps fp32 (sums of many values can
+    leave fp16's range), fp32 stays fp32. The backward always reads fp32 U."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out):
