@@ -567,13 +567,15 @@ def _bwd_dkdv_kernel(
             p = tl.exp(tl.where(valid, logit - lse[None, :], float("-inf")))
         else:
             p = tl.where(valid, _phi(logit), 0.0)
+        # the pairs whose key is in the band of the query's chunk (per element: the tile's
+        # row range [band_lo, band_hi) is the union over its keys)
+        chunk = rows // CH
+        in_band = valid & (cols[:, None] >= chunk[None, :] * CH - W)
+        if not CAUSAL:
+            in_band = in_band & (cols[:, None] < (chunk[None, :] + 1) * CH + W)
         # "all": no band, every key's dv comes from its code; DK_PAIRS 1: skip the far tiles
         if MODE != 2:
             if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
-                chunk = rows // CH
-                in_band = valid & (cols[:, None] >= chunk[None, :] * CH - W)
-                if not CAUSAL:
-                    in_band = in_band & (cols[:, None] < (chunk[None, :] + 1) * CH + W)
                 dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do, input_precision=PREC)
         if et == 0:
             dp = _dp_tile(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), V, DO, bh, L, cols, col_ok,
@@ -583,8 +585,10 @@ def _bwd_dkdv_kernel(
                 ds = p * (dp - delta[None, :])
             else:
                 ds = tl.where(valid, _dphi(logit) * dp, 0.0)
-            if DK_PAIRS != 0:
+            if DK_PAIRS == 1:
                 dk_pairs = valid
+            elif DK_PAIRS == 2:  # "split": the other pairs are _bwd_dk_far_kernel's
+                dk_pairs = in_band
             else:  # exact local blocks: block(i) - block(j) in {0, 1} (causal) or {-1, 0, 1}
                 gap = rows[None, :] // W - cols[:, None] // W
                 dk_pairs = valid & (gap <= 1) & (gap >= -1)
@@ -611,14 +615,21 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, lo, hi, L, sm_scale, inv_len,
-                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, lo, hi, L, W, CH, sm_scale,
+                 inv_len, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr,
-                 PREC: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """dk += sum over the query rows [lo, hi) of dS_ij s_i q_i for the key tile ``cols``: rows
-    more than W from every key of the tile (no bias, every pair valid), read exactly."""
+                 SIDE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """dk += sum over the query rows i in [lo, hi) outside key j's band of dS_ij s_i q_i for the
+    key tile ``cols``: every row (SIDE 0, mode "all": no band), the rows of the chunks after
+    key j's band (1) or before it (2), masked per element, so that the pairs are exactly the
+    complement of ``_bwd_dkdv_kernel``'s whatever the two kernels' tile sizes. Those rows are
+    more than W from the key: no bias, read exactly."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if SIDE == 1:  # chunks c > (j + W) // CH
+        first_far = ((cols + W) // CH + 1) * CH
+    elif SIDE == 2:  # chunks c < floor((j - W) / CH)
+        last_far = ((cols - W + CH) // CH - 1) * CH
     for i0 in range(lo, hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
@@ -627,6 +638,10 @@ def _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, lo, hi, L, sm_sc
         scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
         logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
         valid = row_ok[None, :] & col_ok[:, None]
+        if SIDE == 1:
+            valid = valid & (rows[None, :] >= first_far[:, None])
+        elif SIDE == 2:
+            valid = valid & (rows[None, :] < last_far[:, None])
         dp = _dp_tile(tl.zeros(logit.shape, tl.float32), V, DO, bh, L, cols, col_ok, rows,
                       row_ok, DV, BLOCK_DV, PREC)
         if IS_SOFTMAX:
@@ -662,17 +677,24 @@ def _bwd_dk_far_kernel(
     k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     j_last = tl.minimum(j0 + BLOCK_N, L) - 1
-    band_lo, band_hi = _key_band_rows(j0, j_last, L, W, CH, CAUSAL, MODE)  # rows of dkdv
     split_lo = tl.program_id(2) * chunks_per_split * CH
     split_hi = tl.minimum(split_lo + chunks_per_split * CH, L)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk = _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh,
-                      tl.maximum(band_hi, split_lo), split_hi, L, sm_scale, inv_len,
-                      D, DV, BLOCK_D, BLOCK_DV, IS_SOFTMAX, CAUSAL, PREC, BLOCK_M)
-    if not CAUSAL:
+    if MODE == 2:  # no band: every row
+        dk = _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, split_lo, split_hi,
+                          L, W, CH, sm_scale, inv_len, D, DV, BLOCK_D, BLOCK_DV, IS_SOFTMAX,
+                          CAUSAL, 0, PREC, BLOCK_M)
+    else:
+        # rows after the band of the tile's first key (the per-element mask does the rest)
+        above = ((j0 + W) // CH + 1) * CH
         dk = _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh,
-                          split_lo, tl.minimum(band_lo, split_hi), L, sm_scale, inv_len,
-                          D, DV, BLOCK_D, BLOCK_DV, IS_SOFTMAX, CAUSAL, PREC, BLOCK_M)
+                          tl.maximum(above, split_lo), split_hi, L, W, CH, sm_scale, inv_len,
+                          D, DV, BLOCK_D, BLOCK_DV, IS_SOFTMAX, CAUSAL, 1, PREC, BLOCK_M)
+        if not CAUSAL:  # rows before the band of the tile's last key
+            below = ((j_last - W + CH) // CH - 1) * CH
+            dk = _dk_far_rows(dk, k, cols, col_ok, Q, V, DO, LSE, DELTA, bh, split_lo,
+                              tl.minimum(below, split_hi), L, W, CH, sm_scale, inv_len, D, DV,
+                              BLOCK_D, BLOCK_DV, IS_SOFTMAX, CAUSAL, 2, PREC, BLOCK_M)
     tl.atomic_add(DK + (bh * L + cols[:, None]) * D + offs_d[None, :], dk,
                   mask=col_ok[:, None] & d_ok[None, :])
 
@@ -718,7 +740,8 @@ INTERPRETER_META: dict[str, dict[str, int]] = {
     "grad_sums": {"BLOCK_M": 16, "BLOCK_S": 16},
     "dq": _with_block_t({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16}),
     "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16},
-    "dk_far": {"BLOCK_M": 16, "BLOCK_N": 16},
+    # key tiles of another size than dkdv's: the split of dk_hat must not depend on tiling
+    "dk_far": {"BLOCK_M": 16, "BLOCK_N": 32},
 }
 FALLBACK_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 32, "BLOCK_S": 32},
