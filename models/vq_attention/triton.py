@@ -11,7 +11,7 @@ Layout. Positions are cut into query *chunks* of CH positions (CH a multiple of 
   - all other keys, read through their codes: sum_s phi(s_i q_i . c_s) U_s with the per-code
     value sums U_s (and counts n_s) of those keys. They are the same for every query of the
     chunk: one (S, Dv) *chunk cache* entry per chunk, an exclusive prefix (causal:
-    ``_prefix_kernel``) or prefix + suffix (bidirectional: torch cumsums) over per-chunk sums
+    ``_scan_kernel``) or prefix + suffix (bidirectional: torch cumsums) over per-chunk sums
     (``_chunk_sums_kernel``).
     Bidirectional without bias (and key_grad="ste"): no band, one cache entry of all keys.
 Keys of the band outside the local blocks are read exactly too: k_hat_j == c_{s_j}, so the value
@@ -32,7 +32,8 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
     delta_i n_s) c_s) and from the band tiles, and d(bias) from the band tiles: each tile's
     g summed along its diagonals (``tl.gather``) into a per-program row, summed in torch;
   - ``_grad_sums_kernel`` per query chunk: G_c = sum_{i in c} P_is dO_i (S x Dv), turned by
-    torch cumsums into, per key chunk, the sum over the query chunks that read it through codes;
+    ``_scan_kernel`` (exclusive suffix and prefix scans) into, per key chunk, the sum over the
+    query chunks that read it through codes;
   - ``_bwd_dkdv_kernel`` per key tile: dv from the band tiles plus the code part G[s_j]; dk_hat
     from the exact local blocks (key_grad="window", Transformer-VQ's semantics), or, for
     key_grad="ste" with the "dense" strategy, from every (query, key) pair (the far ones without
@@ -276,20 +277,31 @@ def _chunk_sums_kernel(
     tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
 
 
-@triton.jit(do_not_specialize=["n_entries", "row_len"])
-def _prefix_kernel(X, OUT, n_entries, row_len, BLOCK: tl.constexpr):
-    """OUT[b, 0] = 0, OUT[b, e + 1] = sum_{e' <= e} X[b, e'] over rows of ``row_len`` floats:
-    the exclusive prefix of the chunk sums, summed in fp32 and stored in OUT's dtype (one pass
-    instead of torch's cumsum + cat + cast)."""
+@triton.jit(do_not_specialize=["n_entries", "out_entries", "first", "row_len"])
+def _scan_kernel(X, OUT, n_entries, out_entries, first, row_len, REVERSE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Exclusive scan over the entries of rows of ``row_len`` floats, summed in fp32, stored in
+    OUT's dtype at OUT entries [first, first + n_entries + 1) of out_entries per batch row:
+    forward, out[e] = sum_{e' < e} X[e']; REVERSE, out[e] = sum_{e' > e} X[e'] (e = 0..n).
+    One pass instead of torch's flip + cumsum + flip + cat (+ cast)."""
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < row_len
+    x_row = X + b * n_entries * row_len + offs
+    out_row = OUT + (b * out_entries + first) * row_len + offs
     acc = tl.zeros([BLOCK], tl.float32)
-    tl.store(OUT + b * (n_entries + 1) * row_len + offs, acc.to(OUT.dtype.element_ty), mask=ok)
-    for e in range(0, n_entries):
-        acc += tl.load(X + (b * n_entries + e) * row_len + offs, mask=ok, other=0.0)
-        tl.store(OUT + (b * (n_entries + 1) + e + 1) * row_len + offs,
-                 acc.to(OUT.dtype.element_ty), mask=ok)
+    if REVERSE:
+        tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+        for i in range(0, n_entries):
+            e = n_entries - 1 - i  # out[e] = out[e + 1] + X[e + 1]
+            if e + 1 < n_entries:
+                acc += tl.load(x_row + (e + 1) * row_len, mask=ok, other=0.0)
+            tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_row, acc.to(OUT.dtype.element_ty), mask=ok)
+        for e in range(0, n_entries):
+            acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
+            tl.store(out_row + (e + 1) * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
@@ -892,22 +904,28 @@ def _exclusive_prefix(x: Tensor) -> Tensor:
     return torch.cat([zero, x.cumsum(1)], dim=1)
 
 
-PREFIX_BLOCK = 1024  # floats of a cache row per program of ``_prefix_kernel``
+def _suffix(x: Tensor) -> Tensor:
+    """out[:, c] = sum_{e >= c} x[:, e]."""
+    return x.flip(1).cumsum(1).flip(1)
+
+
+SCAN_BLOCK = 1024  # floats of a cache row per program of ``_scan_kernel``
+
+
+def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool) -> Tensor:
+    """``_scan_kernel``: the exclusive scan of contiguous fp32 (B, n, ...) ``x`` over dim 1 into
+    out[:, first : first + n + 1] (``out``: contiguous (B, n_out, ...), any float dtype)."""
+    row_len = math.prod(x.shape[2:])
+    block = 16 if interpreting() else SCAN_BLOCK
+    _scan_kernel[(triton.cdiv(row_len, block), x.shape[0])](
+        x, out, x.shape[1], out.shape[1], first, row_len, REVERSE=reverse, BLOCK=block)
+    return out
 
 
 def _exclusive_prefix_triton(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``_exclusive_prefix`` of contiguous fp32 (B, n, ...) chunk sums, in ``dtype``."""
     out = torch.empty(x.shape[0], x.shape[1] + 1, *x.shape[2:], device=x.device, dtype=dtype)
-    row_len = math.prod(x.shape[2:])
-    block = 16 if interpreting() else PREFIX_BLOCK
-    _prefix_kernel[(triton.cdiv(row_len, block), x.shape[0])](x, out, x.shape[1], row_len,
-                                                              BLOCK=block)
-    return out
-
-
-def _suffix(x: Tensor) -> Tensor:
-    """out[:, c] = sum_{e >= c} x[:, e]."""
-    return x.flip(1).cumsum(1).flip(1)
+    return _scan_into(out, 0, x, reverse=False)
 
 
 def _code_cache(spec: _Spec, v: Tensor, codes: Tensor,
@@ -948,13 +966,14 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:
     )
     if spec.mode == "all":
         return g.sum(1, keepdim=True)
-    zero = g.new_zeros(bh, 2, *g.shape[2:])
-    # entry a = (j + W) // CH (clamped to n): sum over chunks c > a
-    later = torch.cat([_suffix(g)[:, 1:], zero], dim=1)  # n + 1 entries
-    if spec.mode == "past":
-        return later
-    # entry b = max((j - W) // CH, 0): sum over chunks c < b
-    return torch.cat([later, _exclusive_prefix(g)], dim=1)  # 2 (n + 1) entries
+    # entry a = (j + W) // CH (clamped to n): sum over chunks c > a (n + 1 entries); "far" also
+    # entry n + 1 + b, b = max((j - W) // CH, 0): sum over chunks c < b (n + 1 more)
+    out = torch.empty(bh, (n + 1) * (1 if spec.mode == "past" else 2), size, spec.value_dim,
+                      device=q.device, dtype=torch.float32)
+    _scan_into(out, 0, g, reverse=True)
+    if spec.mode == "far":
+        _scan_into(out, n + 1, g, reverse=False)
+    return out
 
 
 def _forward(spec: _Spec, q, k, v, cb, codes, bias):
