@@ -304,6 +304,22 @@ def _scan_kernel(X, OUT, n_entries, out_entries, first, row_len, REVERSE: tl.con
             tl.store(out_row + (e + 1) * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
+@triton.jit(do_not_specialize=["n_rows"])
+def _delta_kernel(O, DO, DELTA, n_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
+    """delta_i = dO_i . O_i in fp32 (softmax backward), without fp32 copies of dO and O."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < n_rows
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    for e0 in range(0, DV, BLOCK_DV):
+        offs_e = e0 + tl.arange(0, BLOCK_DV)
+        mask = row_ok[:, None] & (offs_e < DV)[None, :]
+        o = tl.load(O + rows[:, None] * DV + offs_e[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * DV + offs_e[None, :], mask=mask, other=0.0)
+        acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + rows, acc, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
 def _fwd_kernel(
     Q, K, V, CB, U, CNT, BIAS, O, LSE,
@@ -993,6 +1009,16 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
     return out, lse
 
 
+def _delta(out: Tensor, grad_out: Tensor) -> Tensor:
+    """rowsum(dO * O), fp32, (BH, L): ``_delta_kernel``."""
+    delta = torch.empty(out.shape[:-1], device=out.device, dtype=torch.float32)
+    rows, dv = delta.numel(), out.shape[-1]
+    block_r = 16 if interpreting() else 64
+    _delta_kernel[(triton.cdiv(rows, block_r),)](out, grad_out, delta, rows, DV=dv,
+                                                 BLOCK_R=block_r, BLOCK_DV=_value_block(dv))
+    return delta
+
+
 def _forward_cache_dtype(dtype: torch.dtype) -> torch.dtype:
     """The forward reads U in bf16 for bf16 inputs (half the bytes, bf16 tensor-core dots with
     the weights rounded to bf16 as in the band tiles); fp16 keeps fp32 (sums of many values can
@@ -1003,7 +1029,7 @@ def _forward_cache_dtype(dtype: torch.dtype) -> torch.dtype:
 def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out):
     """dq, dk_hat, dv (kernel dtype) and dbias (fp32 or None)."""
     softmax = spec.attn_fn == "softmax"
-    delta = (grad_out.float() * out.float()).sum(-1) if softmax else None
+    delta = _delta(out, grad_out) if softmax else None
     u, cnt = _code_cache(spec, v, codes)
     gcat = _grad_cache(spec, q, cb, grad_out, lse, cnt)
     sm_scale, inv_len = spec.scales
