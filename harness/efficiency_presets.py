@@ -24,6 +24,12 @@ failure"), which keeps the GPU sweep inside its 10-minute budget.
 
 Causal-only entries (no bidirectional mode, e.g. ovq_attn) run with their LM head: the runner
 picks it, since they cannot build a classification head.
+
+With ``--models all`` (the default) both presets add ``variants``: LongVQ and Transformer-VQ with
+``key_grad=window`` (Transformer-VQ's key gradient, linear time in training) beside their
+defaults (``key_grad=ste``: the exact straight-through gradient of the quadratic formula, whose
+backward is O(L^2), models/vq_attention/triton.py). The paper claims linear-time training, so
+its speed figures are the ``[key_grad=window]`` rows; the default rows say what exactness costs.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ from typing import Any
 from harness.tasks.text import VOCAB_SIZE as TEXT_VOCAB  # byte-level text: 256 bytes + pad
 
 REFERENCE_MODELS = ("transformer_vanilla", "transformer_sdpa")
+# The VQ models' default key gradient is the exact straight-through one (every query, O(L^2) in
+# the backward); Transformer-VQ's linear-time training (keys get gradient from their local
+# blocks only, models/vq_attention) is what a linear-time speed claim measures: both are rows.
+VQ_WINDOW_VARIANTS = ("longvq[key_grad=window]", "transformer_vq[key_grad=window]")
 CROSSOVER_REFERENCE = "transformer_sdpa"
 
 
@@ -56,6 +66,8 @@ class EfficiencyPreset:
     growth: tuple[int, int] | None = None  # (short L, long L) of the time-growth column
     profile_len: int = 0  # L used by --profile
     crossover: bool = False  # report the crossover length vs transformer_sdpa
+    # model variants added to --models all (harness/registry.py ModelSpec), reported by label
+    variants: tuple[str, ...] = VQ_WINDOW_VARIANTS
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

@@ -176,6 +176,78 @@ class Registry:
         return out
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry, optionally as a *variant* with config fields of its own:
+    ``longvq[key_grad=window]`` is LongVQ with ``key_grad="window"``, measured and reported under
+    that label next to plain ``longvq``."""
+
+    entry: Entry
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.entry.name
+        return f"{self.entry.name}[{';'.join(f'{k}={v}' for k, v in self.overrides)}]"
+
+
+def split_model_list(text: str) -> list[str]:
+    """``a,b[x=1;y=2],c`` -> ``["a", "b[x=1;y=2]", "c"]`` (commas inside brackets kept)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p.strip() for p in [*parts, current] if p.strip()]
+
+
+def parse_model_spec(text: str, registry: Registry | None = None) -> ModelSpec:
+    """``name`` or ``name[field=value;field=value]`` -> ModelSpec; unknown names, malformed
+    brackets and fields the entry's config does not have fail with one message naming them."""
+    registry = registry or REGISTRY
+    name, bracket, rest = text.strip().partition("[")
+    entry = registry.get(name.strip())
+    if not bracket:
+        return ModelSpec(entry)
+    if not rest.endswith("]") or "[" in rest[:-1] or "]" in rest[:-1]:
+        raise ValueError(f"model variant {text!r}: expected name[field=value;field=value]")
+    fields = entry.config_cls.__dataclass_fields__
+    pairs = []
+    for item in rest[:-1].split(";"):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"model variant {text!r}: expected field=value, got {item!r}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"model variant {text!r}: {entry.name} has no config field "
+                             f"{key!r}.{hint}")
+        pairs.append((key, value))
+    try:
+        entry.make_config(**dict(pairs))  # a bad value (e.g. key_grad=foo) fails here
+    except ValueError as exc:
+        raise ValueError(f"model variant {text!r}: {exc}") from None
+    return ModelSpec(entry, tuple(pairs))
+
+
+def resolve_model_specs(text: str, registry: Registry | None = None) -> list[ModelSpec]:
+    """A ``--models`` value: comma-separated names, variants (``name[field=value;...]``) or
+    ``all`` (every entry), in order, without repeats."""
+    registry = registry or REGISTRY
+    out: list[ModelSpec] = []
+    for item in split_model_list(text):
+        specs = ([ModelSpec(e) for e in registry.entries()] if item == "all"
+                 else [parse_model_spec(item, registry)])
+        out.extend(s for s in specs if s not in out)
+    return out
+
+
 REGISTRY = Registry()
 
 

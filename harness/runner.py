@@ -28,7 +28,7 @@ import torch
 from harness.config import config_hash
 from harness.measure import TOO_SLOW, EfficiencyCell, measure
 from harness.provenance import provenance
-from harness.registry import Entry
+from harness.registry import Entry, ModelSpec
 from harness.store import CellRecord, Store
 
 # The --quick backbone: small enough that every registry entry runs in seconds on 2 CPU cores.
@@ -81,7 +81,7 @@ def check_overrides(entries: Sequence[Entry], overrides: dict[str, Any]) -> None
 
 
 def plan_shapes(
-    entries: Sequence[Entry],
+    entries: Sequence[Entry | ModelSpec],
     shapes: Sequence[tuple[int, int]],
     device: str,
     dtype: str,
@@ -94,17 +94,21 @@ def plan_shapes(
     max_step_s: float | None = None,
 ) -> list[PlannedCell]:
     """Every entry x (seq_len, batch) pair, entry-major in the given shape order (a plain
-    sweep passes lengths x batches; the scaling preset pairs each L with its own batch)."""
-    check_overrides(entries, overrides)
+    sweep passes lengths x batches; the scaling preset pairs each L with its own batch).
+    A ``ModelSpec`` variant adds its own fields over ``overrides`` and is recorded under its
+    label (``longvq[key_grad=window]``)."""
+    specs = [e if isinstance(e, ModelSpec) else ModelSpec(e) for e in entries]
+    check_overrides([s.entry for s in specs], overrides)
     device_label = provenance(torch.device(device))["device"]
     planned: list[PlannedCell] = []
-    for entry in entries:
-        entry_overrides = overrides_for(entry, overrides)
+    for spec in specs:
+        entry = spec.entry
+        entry_overrides = {**overrides_for(entry, overrides), **dict(spec.overrides)}
         if not entry.bidirectional and "head" not in overrides:
             entry_overrides["head"] = "lm"  # causal-only models are measured with their LM head
         model_config = entry.make_config(**entry_overrides)
         for seq_len, batch in shapes:
-            cell = EfficiencyCell(entry.name, seq_len, batch, device, dtype, warmup, steps,
+            cell = EfficiencyCell(spec.label, seq_len, batch, device, dtype, warmup, steps,
                                   seed, compile=compile)
             key = cell_key(cell, model_config, device_label, preset)
             planned.append(PlannedCell(entry, model_config, cell, key, preset, max_step_s))
@@ -140,7 +144,7 @@ def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any],
             outcome = measure(planned.entry, planned.model_config, planned.cell,
                               max_step_s=planned.max_step_s)
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the row says so (a rerun measures it)
-            store.write(CellRecord(planned.key, "efficiency", planned.entry.name, "interrupted",
+            store.write(CellRecord(planned.key, "efficiency", planned.cell.model, "interrupted",
                                    cell, provenance=prov, message="interrupted (Ctrl-C)"))
             raise
     notes = sorted({str(w.message).splitlines()[0] for w in caught})
@@ -150,7 +154,7 @@ def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any],
     record = CellRecord(
         cell_key=planned.key,
         kind="efficiency",
-        model=planned.entry.name,
+        model=planned.cell.model,
         status=outcome.status,
         message=outcome.message,
         cell=cell,
@@ -174,7 +178,7 @@ def skipped_record(planned: PlannedCell, failure: tuple[int, int, str],
     message = (f"{tag}: {planned.cell.model} {what} at L={seq_len}, batch={batch}; "
                f"L={planned.cell.seq_len}, batch={planned.cell.batch} needs at least as much, "
                "not run")
-    return CellRecord(planned.key, "efficiency", planned.entry.name, final, cell,
+    return CellRecord(planned.key, "efficiency", planned.cell.model, final, cell,
                       result={"skipped": tag.removeprefix("skipped-")}, provenance=prov,
                       message=message)
 

@@ -278,14 +278,22 @@ def test_preset_definitions():
 
 def test_quick_paper_preset_end_to_end(tmp_path, capsys, one_thread):
     out = tmp_path / "out"
+    variant = "longvq[key_grad=window]"
     code = main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
-                 "--models", SUBSET, "--store", str(tmp_path / "b.db"), "--out", str(out)])
+                 "--models", f"{SUBSET},{variant}", "--store", str(tmp_path / "b.db"),
+                 "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
     assert "d_model 32, 1 layers, FFN 64, 2 heads, batch 2" in printed
     assert "speed ×" in printed and "memory ×" in printed
     table = pd.read_csv(out / "paper-text4k.csv").set_index("model")
-    assert len(table) == 3 and set(table["status"]) == {"ok"}
+    assert len(table) == 4 and set(table["status"]) == {"ok"}
+    # the variant is its own row, with its own ratios and its config in the store
+    assert table.loc[variant, "speed_x_sdpa"] == pytest.approx(
+        table.loc["transformer_sdpa", "ms_median"] / table.loc[variant, "ms_median"])
+    stored = Store(tmp_path / "b.db").dataframe("efficiency").set_index("model")
+    assert stored.loc[variant, "key_grad"] == "window"
+    assert stored.loc["longvq", "key_grad"] == "ste"
     assert set(table["seq_len"]) == {256} and set(table["batch"]) == {2}
     assert set(table["vocab_size"]) == {257} and set(table["head"]) == {"cls"}
     assert table.loc["transformer_vanilla", "speed_x_vanilla"] == pytest.approx(1.0)
@@ -363,3 +371,48 @@ def test_profile_of_unknown_model_exits_2(tmp_path, capsys):
     code = main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
                  "--profile", "longvqq", "--store", str(tmp_path / "b.db")])
     assert code == 2 and "longvq" in capsys.readouterr().err
+
+
+def test_model_variants_parse_and_fail_clearly():
+    from harness.registry import parse_model_spec, resolve_model_specs, split_model_list
+
+    assert split_model_list("a, b[x=1;y=2] ,c") == ["a", "b[x=1;y=2]", "c"]
+    spec = parse_model_spec("longvq[key_grad=window; window=32]")
+    assert spec.label == "longvq[key_grad=window;window=32]"
+    assert spec.entry.name == "longvq" and dict(spec.overrides)["window"] == "32"
+    specs = resolve_model_specs("transformer_sdpa,longvq,longvq[key_grad=window],longvq")
+    assert [s.label for s in specs] == ["transformer_sdpa", "longvq", "longvq[key_grad=window]"]
+    assert len(resolve_model_specs("all")) == len(REGISTRY.entries())
+    for bad, words in (("longvq[key_grad=foo]", ("key_grad", "foo")),
+                       ("longvq[keygrad=window]", ("keygrad", "key_grad")),
+                       ("longvq[key_grad]", ("field=value",)),
+                       ("longvq[key_grad=window", ("name[field=value",))):
+        with pytest.raises(ValueError) as err:
+            parse_model_spec(bad)
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_bad_model_variant_exits_2(tmp_path, capsys):
+    code = main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
+                 "--models", "longvq[key_grad=fast]", "--store", str(tmp_path / "b.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "longvq[key_grad=fast]" in err and "key_grad" in err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_gpu_presets_plan_their_variants(name):
+    """--models all adds the preset's variants (the VQ models with key_grad=window) as rows of
+    their own: distinct keys, the variant's field set, the backbone kept."""
+    from harness.registry import parse_model_spec
+
+    preset = PRESETS[name]
+    specs = [parse_model_spec(v) for v in preset.variants]
+    assert {s.label for s in specs} == {"longvq[key_grad=window]",
+                                        "transformer_vq[key_grad=window]"}
+    planned = plan_shapes([*REGISTRY.entries(), *specs], preset.shapes()[:1], "cpu", "bf16",
+                          dict(preset.backbone), preset.warmup, preset.steps, 0, preset=name)
+    assert len({p.key for p in planned}) == len(planned) == len(REGISTRY.entries()) + 2
+    by_label = {p.cell.model: p.model_config for p in planned}
+    assert by_label["longvq[key_grad=window]"].key_grad == "window"
+    assert by_label["longvq"].key_grad == "ste"
+    assert by_label["longvq[key_grad=window]"].d_model == 128

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from harness.cli_args import (
     resolve_device,
     resolve_dtype,
 )
-from harness.registry import REGISTRY
+from harness.registry import parse_model_spec, resolve_model_specs
 
 if TYPE_CHECKING:
     from harness.efficiency_presets import EfficiencyPreset
@@ -86,14 +87,22 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     settings = resolve_settings(args)
     preset = settings.preset
-    entries = REGISTRY.resolve(args.models.split(","))
+    try:
+        entries = resolve_model_specs(args.models)
+        if preset is not None and args.models == "all":
+            entries += [s for s in map(parse_model_spec, preset.variants) if s not in entries]
+    except ValueError as exc:
+        raise UsageError(f"--models: {exc}") from None
     if not entries:
         raise UsageError("--models: no model named")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     shapes = settings.shapes
     if args.profile:  # one model at one shape: the preset's profile length, else the first
-        entries = [REGISTRY.get(args.profile)]
+        try:
+            entries = [parse_model_spec(args.profile)]
+        except ValueError as exc:
+            raise UsageError(f"--profile: {exc}") from None
         length = preset.profile_len if preset is not None else shapes[0][0]
         shapes = [(length, preset.batch_for(length))] if preset is not None else shapes[:1]
     try:
@@ -219,6 +228,12 @@ def print_preset(frame, name: str, out_dir: Path | None, console: Console) -> No
         console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+def safe_name(label: str) -> str:
+    """A model label as a file-name part: ``longvq[key_grad=window]`` ->
+    ``longvq-key_grad-window``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
+
+
 def run_profile(planned, out_dir: Path | None, console: Console) -> int:
     """--profile MODEL: torch.profiler over the cell's timed steps; top-20 table (no store row)."""
     from harness.measure import is_oom, profile_cell
@@ -239,7 +254,8 @@ def run_profile(planned, out_dir: Path | None, console: Console) -> int:
     block = profile_table(rows, f"top {len(rows)} {what}, {label}, {cell.steps} steps")
     console.print(rich_table(block))
     if out_dir is not None:
-        paths = write_profile_files(rows, block, out_dir / f"profile_{cell.model}_L{cell.seq_len}")
+        stem = f"profile_{safe_name(cell.model)}_L{cell.seq_len}"
+        paths = write_profile_files(rows, block, out_dir / stem)
         console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -309,7 +325,11 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "a rerun resumes; error/interrupted cells are run again.",
     )
     p_eff.add_argument(
-        "--models", default="all", help="comma-separated registry names, or 'all' (default)"
+        "--models", default="all",
+        help="comma-separated registry names, or 'all' (default; with --preset also the "
+        "preset's variants); a variant measures an entry with config fields of its own, "
+        "reported under its label: 'longvq[key_grad=window]' or 'longvq[key_grad=window;"
+        "window=128]'"
     )
     p_eff.add_argument(
         "--lengths",
@@ -333,7 +353,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p_eff.add_argument(
         "--profile", default=None, metavar="MODEL",
-        help="instead of the sweep: torch.profiler over a few training steps of MODEL (at the "
+        help="instead of the sweep: torch.profiler over a few training steps of MODEL (a name or "
+        "a variant, e.g. 'longvq[key_grad=window]'; at the "
         "preset's profile length, else the first --lengths/--batch) and the top-20 kernels by "
         "self device time (self CPU time on CPU); with --out: profile_MODEL_L<L>.{md,csv}",
     )
