@@ -19,7 +19,7 @@ bias = (0.02 * torch.randn(2 * W - 1, device=dev)).requires_grad_()
 g = torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16)
 for key_grad in ("window", "ste"):
     for mode in ("fwd", "fwd+bwd"):
-        def run():
+        def run(key_grad=key_grad, mode=mode):
             out = vq_attention(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True,
                                window=W, impl="triton", key_grad=key_grad)
             if mode == "fwd+bwd":
