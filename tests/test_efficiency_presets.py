@@ -286,6 +286,7 @@ def test_quick_paper_preset_end_to_end(tmp_path, capsys, one_thread):
     assert code == 0
     assert "d_model 32, 1 layers, FFN 64, 2 heads, batch 2" in printed
     assert "speed ×" in printed and "memory ×" in printed
+    assert "longvq[key_grad=window]" in printed  # not eaten as rich markup
     table = pd.read_csv(out / "paper-text4k.csv").set_index("model")
     assert len(table) == 4 and set(table["status"]) == {"ok"}
     # the variant is its own row, with its own ratios and its config in the store

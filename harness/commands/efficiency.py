@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.cli_args import (
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
         def on_cell(item, record) -> None:
             cell = item.cell
-            label = f"{cell.model} L={cell.seq_len} B={cell.batch}"
+            label = f"{escape(cell.model)} L={cell.seq_len} B={cell.batch}"
             if record is None:
                 progress.console.print(f"  {label}: [dim]already in store, skipped[/dim]")
             else:
@@ -196,7 +197,7 @@ def rich_table(block, title: str = "", drop_uniform: tuple[str, ...] = ()) -> Ta
         column = block.header[i].replace("× ", "×\n")
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i < 2)
     for row in block.rows:
-        table.add_row(*(row[i] for i in keep))
+        table.add_row(*(escape(str(row[i])) for i in keep))  # labels like longvq[k=v]
     return table
 
 
@@ -222,7 +223,7 @@ def print_preset(frame, name: str, out_dir: Path | None, console: Console) -> No
         for model, length in crossovers(frame).items():
             where = (f"faster from L={length} on" if length is not None
                      else "none (not faster through the longest measured L)")
-            console.print(f"  crossover with transformer_sdpa: {model} {where}")
+            console.print(f"  crossover with transformer_sdpa: {model} {where}", markup=False)
     if out_dir is not None:
         paths = write_preset_files(frame, name, out_dir, blocks)
         console.print("wrote " + ", ".join(str(p) for p in paths))
@@ -240,7 +241,7 @@ def run_profile(planned, out_dir: Path | None, console: Console) -> int:
     from harness.report_efficiency import profile_table, write_profile_files
 
     cell = planned.cell
-    label = f"{cell.model} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
+    label = f"{escape(cell.model)} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
         " compiled" if cell.compile else "")
     console.print(f"[bold]profile[/bold] {label} on {cell.device}: {cell.warmup} warm-up, "
                   f"{cell.steps} profiled training steps")
@@ -284,7 +285,7 @@ def print_efficiency_table(frame, console: Console) -> None:
     for _, row in frame.iterrows():
         ok = row["status"] == "ok"
         table.add_row(
-            str(row["model"]),
+            escape(str(row["model"])),
             row["backend"] if isinstance(row["backend"], str) else "",
             str(row["seq_len"]),
             str(row["batch"]),
