@@ -8,11 +8,12 @@ a backward is timed); a failing implementation is reported as ``wrong`` and not 
 report the speed of a wrong kernel).
 
 Implementations (``IMPLS``):
-  naive, linear, linear-window, triton, triton-window, triton-split  VQ attention
+  naive, linear, linear-window, triton, triton-window, triton-split, triton-dense  VQ attention
       (models/vq_attention): the oracle, the torch linear path, the fused Triton kernels;
       "-window" = key_grad="window" (Transformer-VQ's key gradient, fully in Triton), otherwise
       key_grad="ste"; "-split": ste with the far query rows of dK in a second kernel
-      (key_grad_strategy="split");
+      (key_grad_strategy="split", what "triton" picks up to 64K); "-dense": every query row of
+      dK in the dk/dv kernel;
   sdpa-flash  exact softmax attention, ``scaled_dot_product_attention`` forced to the flash
       backend (no bias, no VQ: the quadratic reference speed), CUDA only;
   fla-linear  fla's ``chunk_linear_attn`` on elu+1 features (causal only; no normaliser: the raw
@@ -95,14 +96,17 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl("naive", True, description="VQ attention, quadratic oracle"),
     Impl("linear", True, description="VQ attention, torch linear path (key_grad=ste)"),
     Impl("linear-window", True, "window", "VQ attention, torch linear path (key_grad=window)"),
-    Impl("triton", True, description="VQ attention, fused Triton kernels (key_grad=ste)"),
+    Impl("triton", True, description="VQ attention, fused Triton kernels (key_grad=ste, "
+         "strategy auto: split up to 64K)"),
+    Impl("triton-dense", True, description="VQ attention, Triton kernels (key_grad=ste), every "
+         "query row of dK in the dk/dv kernel", strategy="dense"),
     Impl("triton-window", True, "window", "VQ attention, fused Triton kernels (key_grad=window)"),
     Impl("triton-split", True, description="VQ attention, Triton kernels (key_grad=ste), the far "
          "rows of dK in their own kernel spread over many programs", strategy="split"),
     Impl("sdpa-flash", False, description="exact softmax attention, SDPA flash backend, no bias"),
     Impl("fla-linear", False, description="fla chunk_linear_attn (elu+1 features), causal"),
 )}
-DEFAULT_IMPLS = {"cuda": "triton,triton-split,triton-window,linear,sdpa-flash,fla-linear",
+DEFAULT_IMPLS = {"cuda": "triton,triton-dense,triton-window,linear,sdpa-flash,fla-linear",
                  "cpu": "naive,linear"}
 
 

@@ -25,7 +25,7 @@ laplace (Mega: s_i = 1/n_i, unnormalised) just sums. Tiles accumulate in fp32 fr
 bf16/fp16 inputs (dots: bf16/fp16 on tensor cores, weights rounded to the input dtype before
 the value products as in flash attention; fp32 inputs: 3xTF32 dots). The cache sums U are
 summed in fp32; the forward reads them in bf16 for bf16 inputs (its weights rounded to bf16 like
-the band's), fp32 otherwise (TF32 dots with fp16 inputs); the backward reads fp32 U.
+the band's), fp32 otherwise (TF32 dots with fp16 inputs); the backward reuses them (saved).
 
 Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py``):
   - ``_bwd_dq_kernel`` per query tile: dq from the code part (s_i sum_s P'_is (dO_i . U_s -
@@ -44,7 +44,8 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
   bias, no mask), one program per (key tile, slice of query chunks), atomically into an fp32
   dk: the same O(L^2 D) tiles as "dense", spread over many programs instead of one long loop
   per key tile (and without the dv accumulator in registers).
-  key_grad="ste" with the "codes" strategy (auto above ``DENSE_MAX_LEN``): the Triton kernel
+  key_grad="ste" with the "codes" strategy (auto above ``DENSE_MAX_LEN``; up to it auto is
+  "split", measured 1.2-1.7x faster than "dense" at 4K-32K on an H200): the Triton kernel
   gives the local-block part and ``_key_grad.code_key_grad`` (torch, per-code D x Dv states)
   the far part, from code weights computed in torch ((B, H, L, S), this backward only).
 Torch does the small glue: the cumsums over chunk caches, delta = rowsum(dO O), the sum of the
@@ -79,7 +80,7 @@ from ._common import (
 from ._key_grad import KEY_GRAD_STRATEGIES, code_key_grad
 
 CHUNK_TARGET = 256  # positions per query chunk (rounded to whole windows), see default_chunk
-# key_grad="ste", strategy "auto": Triton dense tiles (O(L^2 D), fast on tensor cores) up to this
+# key_grad="ste", strategy "auto": Triton "split" tiles (O(L^2 D), fast on tensor cores) up to this
 # length, then torch per-code states (O(L S D Dv)).
 DENSE_MAX_LEN = 65536
 TRITON_KEY_GRAD_STRATEGIES = (*KEY_GRAD_STRATEGIES, "split")
@@ -484,7 +485,7 @@ def _bwd_dq_kernel(
                         mask=s_ok[:, None] & e_ok[None, :], other=0.0)
             do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
                          mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-            coeff += tl.dot(do.to(tl.float32), tl.trans(u), input_precision=PREC)
+            coeff += tl.dot(do.to(u.dtype), tl.trans(u), input_precision=PREC)
         if IS_SOFTMAX:
             cnt = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0)
             keep = row_ok[:, None] & (cnt[None, :] > 0)
@@ -743,8 +744,10 @@ def _configs(metas: list[dict], warps: list[int], stages: list[int]) -> list[tri
 # The first config of each list is the default (no autotuning); all fit D, Dv <= 128 in
 # registers on an H100. The interpreter uses 16-wide tiles so that tiny tests cross tiles.
 CONFIGS: dict[str, list[triton.Config]] = {
+    # BLOCK_S = 256: one program per (entry, value tile) for S <= 256, v read once
     "sums": _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
-                      {"BLOCK_N": 64, "BLOCK_S": 128}], [4, 4, 8], [2, 3, 2]),
+                      {"BLOCK_N": 64, "BLOCK_S": 128}, {"BLOCK_N": 64, "BLOCK_S": 256}],
+                     [4, 4, 8, 8], [2, 3, 2, 2]),
     "fwd": _configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128},
@@ -752,7 +755,8 @@ CONFIGS: dict[str, list[triton.Config]] = {
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 128}], [4, 8, 4, 4, 8],
                     [2, 2, 2, 3, 2]),
     "grad_sums": _configs([{"BLOCK_M": 64, "BLOCK_S": 64}, {"BLOCK_M": 128, "BLOCK_S": 64},
-                           {"BLOCK_M": 64, "BLOCK_S": 128}], [4, 8, 8], [2, 2, 2]),
+                           {"BLOCK_M": 64, "BLOCK_S": 128}, {"BLOCK_M": 64, "BLOCK_S": 256}],
+                          [4, 8, 8, 8], [2, 2, 2, 2]),
     "dq": _configs([_with_block_t(m) for m in ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
                                                {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64},
                                                {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64})],
@@ -1006,7 +1010,7 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
         spec.chunk, spec.n_cache, spec.cb_head_stride, sm_scale, inv_len, spec.length_bucket,
         HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
     )
-    return out, lse
+    return out, lse, u, cnt
 
 
 def _delta(out: Tensor, grad_out: Tensor) -> Tensor:
@@ -1022,15 +1026,14 @@ def _delta(out: Tensor, grad_out: Tensor) -> Tensor:
 def _forward_cache_dtype(dtype: torch.dtype) -> torch.dtype:
     """The forward reads U in bf16 for bf16 inputs (half the bytes, bf16 tensor-core dots with
     the weights rounded to bf16 as in the band tiles); fp16 keeps fp32 (sums of many values can
-    leave fp16's range), fp32 stays fp32. The backward always reads fp32 U."""
+    leave fp16's range), fp32 stays fp32. The backward reads the same U (saved)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out):
-    """dq, dk_hat, dv (kernel dtype) and dbias (fp32 or None)."""
+def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out, u, cnt):
+    """dq, dk_hat, dv (kernel dtype) and dbias (fp32 or None); u, cnt: the forward's cache."""
     softmax = spec.attn_fn == "softmax"
     delta = _delta(out, grad_out) if softmax else None
-    u, cnt = _code_cache(spec, v, codes)
     gcat = _grad_cache(spec, q, cb, grad_out, lse, cnt)
     sm_scale, inv_len = spec.scales
     dummy = u
@@ -1133,10 +1136,11 @@ class _TritonVQAttention(torch.autograd.Function):
         cb = codebook.to(dtype).contiguous()
         codes32 = codes.to(torch.int32).reshape(batch * heads, -1).contiguous()
         bias32 = None if bias is None else bias.float().contiguous()
-        out, lse = _forward(spec, qc, kc, vc, cb, codes32, bias32)
+        out, lse, u, cnt = _forward(spec, qc, kc, vc, cb, codes32, bias32)
         # only the kernel-layout copies are kept (they alias the inputs when these are already
-        # contiguous in the kernel dtype), plus the dtypes to return the gradients in
-        ctx.save_for_backward(qc, kc, vc, cb, codes32, bias32, out, lse)
+        # contiguous in the kernel dtype), plus the dtypes to return the gradients in; the code
+        # cache (L / CH entries of S x Dv) too, rather than recomputing it in the backward
+        ctx.save_for_backward(qc, kc, vc, cb, codes32, bias32, out, lse, u, cnt)
         ctx.spec = spec
         ctx.layout = (batch, heads, q.dtype, k_hat.dtype, v.dtype,
                       None if bias is None else bias.dtype)
@@ -1145,11 +1149,12 @@ class _TritonVQAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        qc, kc, vc, cb, codes32, bias32, out, lse = ctx.saved_tensors
+        qc, kc, vc, cb, codes32, bias32, out, lse, u, cnt = ctx.saved_tensors
         spec: _Spec = ctx.spec
         batch, heads, q_dtype, k_dtype, v_dtype, bias_dtype = ctx.layout
         do = grad_out.to(qc.dtype).reshape(batch * heads, *grad_out.shape[2:]).contiguous()
-        dq, dk, dv, dbias, delta = _backward(spec, qc, kc, vc, cb, codes32, bias32, out, lse, do)
+        dq, dk, dv, dbias, delta = _backward(spec, qc, kc, vc, cb, codes32, bias32, out, lse, do,
+                                             u, cnt)
 
         def per_head(x: Tensor) -> Tensor:  # (B H, L, .) -> (B, H, L, .)
             return x.view(batch, heads, *x.shape[1:])
@@ -1195,9 +1200,9 @@ def vq_attention_triton(
     bias; none to codebook and codes), on CUDA tensors (CPU only under TRITON_INTERPRET=1).
     key_grad_strategy for key_grad="ste": "dense" (Triton, every pair, in the dk/dv kernel),
     "split" (Triton, every pair; the far query rows in a second kernel spread over many
-    programs), "codes" (torch per-code states for the far keys) or "auto" ("dense" up to L =
-    DENSE_MAX_LEN). chunk: query chunk size CH, a multiple of ``window`` (default
-    ``default_chunk(window)``)."""
+    programs), "codes" (torch per-code states for the far keys) or "auto" ("split" up to L =
+    DENSE_MAX_LEN, then "codes"). chunk: query chunk size CH, a multiple of ``window``
+    (default ``default_chunk(window)``)."""
     check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
     check_choice("key_grad_strategy", key_grad_strategy, TRITON_KEY_GRAD_STRATEGIES)
     if not q.is_cuda and not interpreting():
@@ -1209,7 +1214,7 @@ def vq_attention_triton(
     length = q.shape[2]
     strategy = key_grad_strategy
     if strategy == "auto":
-        strategy = "dense" if length <= DENSE_MAX_LEN else "codes"
+        strategy = "split" if length <= DENSE_MAX_LEN else "codes"
     if causal:
         mode = "past"
     else:
