@@ -216,21 +216,15 @@ def parse_model_spec(text: str, registry: Registry | None = None) -> ModelSpec:
         return ModelSpec(entry)
     if not rest.endswith("]") or "[" in rest[:-1] or "]" in rest[:-1]:
         raise ValueError(f"model variant {text!r}: expected name[field=value;field=value]")
-    fields = entry.config_cls.__dataclass_fields__
     pairs = []
     for item in rest[:-1].split(";"):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise ValueError(f"model variant {text!r}: expected field=value, got {item!r}")
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ValueError(f"model variant {text!r}: {entry.name} has no config field "
-                             f"{key!r}.{hint}")
         pairs.append((key, value))
-    try:
-        entry.make_config(**dict(pairs))  # a bad value (e.g. key_grad=foo) fails here
+    try:  # an unknown field or a bad value (e.g. key_grad=foo) fails here, with suggestions
+        entry.make_config(**dict(pairs))
     except ValueError as exc:
         raise ValueError(f"model variant {text!r}: {exc}") from None
     return ModelSpec(entry, tuple(pairs))
@@ -242,8 +236,8 @@ def resolve_model_specs(text: str, registry: Registry | None = None) -> list[Mod
     registry = registry or REGISTRY
     out: list[ModelSpec] = []
     for item in split_model_list(text):
-        specs = ([ModelSpec(e) for e in registry.entries()] if item == "all"
-                 else [parse_model_spec(item, registry)])
+        specs = ([parse_model_spec(item, registry)] if "[" in item
+                 else [ModelSpec(e) for e in registry.resolve([item])])
         out.extend(s for s in specs if s not in out)
     return out
 

@@ -48,12 +48,13 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
   "split", measured 1.2-1.7x faster than "dense" at 4K-32K on an H200): the Triton kernel
   gives the local-block part and ``_key_grad.code_key_grad`` (torch, per-code D x Dv states)
   the far part, from code weights computed in torch ((B, H, L, S), this backward only).
-Torch does the small glue: the cumsums over chunk caches, delta = rowsum(dO O), the sum of the
-d(bias) rows, dtype casts. Block sizes are autotuned (``triton.autotune``, keyed on S, D, Dv,
-W, CH and a power-of-two bucket of L); ``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use
-the first config. As in ``linear.py``/``naive.py`` the window must be >= 1 (W = 0 is rejected by
-``check_inputs``; "no local part" is the bidirectional op without bias). Inputs: float32,
-bfloat16 or float16 on CUDA (float64: use ``linear``); CPU tensors only under the interpreter.
+Torch does the small glue: the cumsums of the bidirectional chunk caches, the sum of the d(bias)
+rows, dtype casts (delta = rowsum(dO O): ``_delta_kernel``). Block sizes are autotuned
+(``triton.autotune``, keyed on S, D, Dv, W, CH and a power-of-two bucket of L);
+``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use the first config. As in
+``linear.py``/``naive.py`` the window must be >= 1 (W = 0 is rejected by ``check_inputs``; "no local
+part" is the bidirectional op without bias). Inputs: float32, bfloat16 or float16 on CUDA (float64:
+use ``linear``); CPU tensors only under the interpreter.
 """
 
 from __future__ import annotations
