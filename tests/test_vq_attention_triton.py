@@ -121,6 +121,10 @@ INTERPRETER_CASES = [
     ("laplace", True, False, "ste", "split", 5, 37, 10, 16),
     ("softmax", False, True, "ste", "split", 5, 37, 10, 16),
     ("laplace", False, False, "ste", "split", 8, 45, 8, 40),
+    # chunks of 4 windows, two query tiles each: band tiles away from the diagonal (no bias
+    # gather) and, key_grad="window", dk/dv query tiles outside the local blocks (no dk work)
+    ("softmax", True, True, "window", "auto", 8, 45, 32, 16),
+    ("laplace", False, True, "window", "auto", 8, 45, 32, 40),
 ]
 STABLE_CASES = [True, False]  # causal: large logits (q x 100) and a bias of -20 (softmax)
 

@@ -144,13 +144,15 @@ def _band_bounds(c, last_row, L, W, CH, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(BIAS, offset, W, HAS_BIAS: tl.constexpr):
-    """B_ij for a tile of offsets i - j: bias[i - j + W - 1] where |i - j| < W, else 0."""
+def _bias_tile(BIAS, offset, o_lo, o_hi, W, HAS_BIAS: tl.constexpr):
+    """B_ij for a tile of offsets i - j in [o_lo, o_hi]: bias[i - j + W - 1] where |i - j| < W,
+    else 0. Most band tiles hold no pair within W of the diagonal: they skip the gather."""
+    bias = tl.zeros(offset.shape, tl.float32)
     if HAS_BIAS:
-        in_window = (offset < W) & (offset > -W)
-        return tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
-    else:
-        return tl.zeros(offset.shape, tl.float32)
+        if (o_lo < W) & (o_hi > -W):
+            in_window = (offset < W) & (offset > -W)
+            bias = tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
+    return bias
 
 
 @triton.jit
@@ -187,18 +189,20 @@ def _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr,
 
 
 @triton.jit
-def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, j0, hi,
-                 HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, first_row, j0,
+                 hi, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """Band keys [j0, j0 + BLOCK_N) (below ``hi``) of a query tile: their indices, mask, exact
-    vectors, logits s_i q_i . k_j + B_ij and the valid (query, key) pairs."""
+    """Band keys [j0, j0 + BLOCK_N) (below ``hi``) of the query tile ``rows`` (from
+    ``first_row``): their indices, mask, exact vectors, logits s_i q_i . k_j + B_ij and the
+    valid (query, key) pairs."""
     cols = j0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hi
     k = tl.load(K + (bh * L + cols[:, None]) * D + offs_d[None, :],
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     offset = rows[:, None] - cols[None, :]
     logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
-    logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
+    logit += _bias_tile(BIAS, offset, first_row - (j0 + BLOCK_N - 1),
+                        first_row + rows.shape[0] - 1 - j0, W, HAS_BIAS)
     valid = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         valid = valid & (offset >= 0)
@@ -374,8 +378,8 @@ def _fwd_kernel(
         lo, hi = _band_bounds(c, last_row, L, W, CH, CAUSAL)
         for j0 in range(lo, hi, BLOCK_N):
             cols, col_ok, k, logit, valid = _band_logits(
-                q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, j0, hi,
-                HAS_BIAS, CAUSAL, PREC, BLOCK_N)
+                q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, tile_start, j0,
+                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N)
             v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                         mask=col_ok[:, None] & e_ok[None, :], other=0.0)
             if IS_SOFTMAX:
@@ -471,6 +475,11 @@ def _bwd_dq_kernel(
         lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    if n_e == 1:  # one value tile: dO is read once, not once per code and band tile
+        offs_e = tl.arange(0, BLOCK_DV)
+        do_rows = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                          mask=row_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
 
     # code part: dL/dlogit_is = P'_is (dO_i . U_s - delta_i n_s)
     entry, s_end = _code_span(bh, c, n_cache, S, MODE)
@@ -478,15 +487,20 @@ def _bwd_dq_kernel(
     for s0 in range(0, s_end, BLOCK_S):
         offs_s, s_ok, cb, logit = _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC,
                                                BLOCK_S)
-        coeff = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
-        for e0 in range(0, DV, BLOCK_DV):
-            offs_e = e0 + tl.arange(0, BLOCK_DV)
-            e_ok = offs_e < DV
+        if n_e == 1:
             u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
-                        mask=s_ok[:, None] & e_ok[None, :], other=0.0)
-            do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
-                         mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-            coeff += tl.dot(do.to(u.dtype), tl.trans(u), input_precision=PREC)
+                        mask=s_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
+            coeff = tl.dot(do_rows.to(u.dtype), tl.trans(u), input_precision=PREC)
+        else:
+            coeff = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
+            for e0 in range(0, DV, BLOCK_DV):
+                offs_e = e0 + tl.arange(0, BLOCK_DV)
+                e_ok = offs_e < DV
+                u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
+                            mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+                do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                             mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+                coeff += tl.dot(do.to(u.dtype), tl.trans(u), input_precision=PREC)
         if IS_SOFTMAX:
             cnt = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0)
             keep = row_ok[:, None] & (cnt[None, :] > 0)
@@ -502,17 +516,22 @@ def _bwd_dq_kernel(
         n_bias = 2 * W - 1
         for j0 in range(lo, hi, BLOCK_N):
             cols, col_ok, k, logit, valid = _band_logits(
-                q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, j0, hi,
-                HAS_BIAS, CAUSAL, PREC, BLOCK_N)
-            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for e0 in range(0, DV, BLOCK_DV):
-                offs_e = e0 + tl.arange(0, BLOCK_DV)
-                e_ok = offs_e < DV
+                q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, tile_start, j0,
+                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N)
+            if n_e == 1:
                 v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
-                            mask=col_ok[:, None] & e_ok[None, :], other=0.0)
-                do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
-                             mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-                dp += tl.dot(do, tl.trans(v), input_precision=PREC)
+                            mask=col_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
+                dp = tl.dot(do_rows, tl.trans(v), input_precision=PREC)
+            else:
+                dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for e0 in range(0, DV, BLOCK_DV):
+                    offs_e = e0 + tl.arange(0, BLOCK_DV)
+                    e_ok = offs_e < DV
+                    v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                                mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+                    do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
+                                 mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+                    dp += tl.dot(do, tl.trans(v), input_precision=PREC)
             if IS_SOFTMAX:
                 p = tl.exp(tl.where(valid, logit - lse[:, None], float("-inf")))
                 ds = p * (dp - delta[:, None])
@@ -578,6 +597,12 @@ def _bwd_dkdv_kernel(
             q_hi = q_hi * 0 + L
             if not CAUSAL:
                 q_lo = q_lo * 0
+    # DK_PAIRS 0: the rows of the key tile's exact local blocks (the others skip dp and ds)
+    local_lo = (j0 // W - (0 if CAUSAL else 1)) * W
+    local_hi = (j_last // W + 2) * W
+    if n_e == 1:  # one value tile: the key tile's v is read once (dp = v . dO)
+        v_keys = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                         mask=col_ok[:, None] & e_ok[None, :], other=0.0)
     for i0 in range(q_lo, q_hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         row_ok = rows < q_hi
@@ -588,7 +613,8 @@ def _bwd_dkdv_kernel(
         scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
         offset = rows[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j
         logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
-        logit += _bias_tile(BIAS, offset, W, HAS_BIAS)
+        logit += _bias_tile(BIAS, offset, i0 - (j0 + BLOCK_N - 1), i0 + BLOCK_M - 1 - j0, W,
+                            HAS_BIAS)
         valid = row_ok[None, :] & col_ok[:, None]
         if CAUSAL:
             valid = valid & (offset >= 0)
@@ -607,9 +633,15 @@ def _bwd_dkdv_kernel(
         if MODE != 2:
             if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
                 dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do, input_precision=PREC)
-        if et == 0:
-            dp = _dp_tile(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), V, DO, bh, L, cols, col_ok,
-                          rows, row_ok, DV, BLOCK_DV, PREC)
+        need_dk = et == 0
+        if DK_PAIRS == 0:
+            need_dk = need_dk & (i0 < local_hi) & (i0 + BLOCK_M > local_lo)
+        if need_dk:
+            if n_e == 1:
+                dp = tl.dot(v_keys, tl.trans(do), input_precision=PREC)
+            else:
+                dp = _dp_tile(tl.zeros([BLOCK_N, BLOCK_M], tl.float32), V, DO, bh, L, cols,
+                              col_ok, rows, row_ok, DV, BLOCK_DV, PREC)
             if IS_SOFTMAX:
                 delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
                 ds = p * (dp - delta[None, :])
@@ -753,17 +785,24 @@ CONFIGS: dict[str, list[triton.Config]] = {
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128},
                      {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_S": 32},
-                     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 128}], [4, 8, 4, 4, 8],
-                    [2, 2, 2, 3, 2]),
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 128},
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
+                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_S": 128}], [4, 8, 4, 4, 8, 8, 8],
+                    [2, 2, 2, 3, 2, 3, 2]),
     "grad_sums": _configs([{"BLOCK_M": 64, "BLOCK_S": 64}, {"BLOCK_M": 128, "BLOCK_S": 64},
                            {"BLOCK_M": 64, "BLOCK_S": 128}, {"BLOCK_M": 64, "BLOCK_S": 256}],
                           [4, 8, 8, 8], [2, 2, 2, 2]),
     "dq": _configs([_with_block_t(m) for m in ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
                                                {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64},
-                                               {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64})],
-                   [4, 4, 8], [2, 2, 2]),
+                                               {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
+                                               {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 128},
+                                               {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 128},
+                                               {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64})],
+                   [4, 4, 8, 4, 8, 4], [2, 2, 2, 3, 2, 3]),
     "dkdv": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 32, "BLOCK_N": 64},
-                      {"BLOCK_M": 64, "BLOCK_N": 128}], [4, 4, 8], [2, 2, 2]),
+                      {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 64, "BLOCK_N": 128},
+                      {"BLOCK_M": 128, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 64}],
+                     [4, 4, 8, 8, 8, 4], [2, 2, 2, 3, 2, 3]),
     "dk_far": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 64},
                         {"BLOCK_M": 64, "BLOCK_N": 128}], [4, 8, 8], [3, 3, 2]),
 }
