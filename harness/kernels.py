@@ -162,7 +162,9 @@ def _differentiable(inputs: tuple) -> tuple:
 
 
 def run_op(impl: str, inputs, shape: OpShape, backward: bool) -> torch.Tensor:
-    """One call of ``impl`` (and its backward with an all-ones upstream gradient)."""
+    """One call of ``impl`` (and its backward with an all-ones upstream gradient: the input
+    gradients are returned by ``torch.autograd.grad``, not accumulated into ``.grad``, so the
+    time holds the op's kernels and no gradient-accumulation adds)."""
     q, k_hat, v, codebook, codes, bias = inputs
     name = IMPLS[impl].name
     if IMPLS[impl].vq:
@@ -177,7 +179,8 @@ def run_op(impl: str, inputs, shape: OpShape, backward: bool) -> torch.Tensor:
     else:  # fla-linear: inputs already in fla's (B, T, H, D) layout with positive features
         out, _ = _fla_kernel()(q, k_hat, v, scale=1.0, normalize=False)
     if backward:
-        out.backward(torch.ones_like(out))
+        leaves = [t for t in (q, k_hat, v, bias) if t is not None and t.requires_grad]
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
     return out
 
 

@@ -10,9 +10,9 @@ Layout. Positions are cut into query *chunks* of CH positions (CH a multiple of 
     |i - j| < W pair, where the bias is added;
   - all other keys, read through their codes: sum_s phi(s_i q_i . c_s) U_s with the per-code
     value sums U_s (and counts n_s) of those keys. They are the same for every query of the
-    chunk: one (S, Dv) *chunk cache* entry per chunk, an exclusive prefix (causal:
-    ``_scan_kernel``) or prefix + suffix (bidirectional: torch cumsums) over per-chunk sums
-    (``_chunk_sums_kernel``).
+    chunk: one (S, Dv) *chunk cache* entry per chunk, the sums over the keys before the band
+    (causal) or outside it (bidirectional: a prefix pass, then a suffix pass added to it),
+    each built in one pass over the keys by ``_cache_sums_kernel``.
     Bidirectional without bias (and key_grad="ste"): no band, one cache entry of all keys.
 Keys of the band outside the local blocks are read exactly too: k_hat_j == c_{s_j}, so the value
 is the same as through their code (that is what ``linear.py`` computes with a per-block cache, CH
@@ -48,8 +48,8 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
   "split", measured 1.2-1.7x faster than "dense" at 4K-32K on an H200): the Triton kernel
   gives the local-block part and ``_key_grad.code_key_grad`` (torch, per-code D x Dv states)
   the far part, from code weights computed in torch ((B, H, L, S), this backward only).
-Torch does the small glue: the cumsums of the bidirectional chunk caches, the sum of the d(bias)
-rows, dtype casts (delta = rowsum(dO O): ``_delta_kernel``). Block sizes are autotuned
+Torch does the small glue: the sum of the d(bias) rows, dtype casts (delta = rowsum(dO O):
+``_delta_kernel``). Block sizes are autotuned
 (``triton.autotune``, keyed on S, D, Dv, W, CH and a power-of-two bucket of L);
 ``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use the first config. As in
 ``linear.py``/``naive.py`` the window must be >= 1 (W = 0 is rejected by ``check_inputs``; "no local
@@ -246,41 +246,59 @@ def _dp_tile(dp, V, DO, bh, L, cols, col_ok, rows, row_ok, DV: tl.constexpr,
 # the dk part loop over the value tiles for dO . v and dO . U.
 
 
-@triton.jit(do_not_specialize=["L", "S", "CH", "base", "n_entries"])
-def _chunk_sums_kernel(
+@triton.jit(do_not_specialize=["L", "S", "CH", "W", "n_entries", "BH"])
+def _cache_sums_kernel(
     V, CODES, U, CNT,
-    L, S, CH, base, n_entries,
+    L, S, CH, W, n_entries, BH,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    REVERSE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Entry e: per-code sums of v (and counts) over keys [base + e CH, base + (e + 1) CH)."""
-    e = tl.program_id(0)
-    sid = tl.program_id(1)
+    """Code cache in one pass over the keys: entry c = per-code sums of v (summed in fp32,
+    stored in U's dtype) and counts of the keys j < c CH - W (forward), or j >= (c + 1) CH + W
+    (REVERSE), c = 0..n_entries-1; ACCUMULATE adds them to U and CNT. One program per (code
+    tile, batch-head and value tile) walks the entries in order, keeping the running sums in
+    registers: no per-chunk sums in HBM and no separate scan. (BH, unused, keys the autotuner:
+    the grid holds S / BLOCK_S x BH programs.)"""
+    sid = tl.program_id(0)
     n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
-    bh = (tl.program_id(2) // n_e).to(tl.int64)
-    et = tl.program_id(2) % n_e
+    bh = (tl.program_id(1) // n_e).to(tl.int64)
+    et = tl.program_id(1) % n_e
     offs_s = sid * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < S
     e_ok = offs_e < DV
-    start = base + e * CH
-    lo = tl.maximum(start, 0)
-    hi = tl.minimum(start + CH, L)
     acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     cnt = tl.zeros([BLOCK_S], tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        ok = cols < hi
-        code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
-        v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
-                    mask=ok[:, None] & e_ok[None, :], other=0.0)
-        one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N), exact in any dtype
-        acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
-        cnt += tl.sum(one_hot.to(tl.float32), axis=1)
-    row = bh * n_entries + e
-    s_ok = offs_s < S
-    tl.store(U + (row * S + offs_s[:, None]) * DV + offs_e[None, :], acc,
-             mask=s_ok[:, None] & e_ok[None, :])
-    tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
+    for i in range(0, n_entries):
+        if REVERSE:  # entry c, then the keys [c CH + W, (c + 1) CH + W) join (for c - 1)
+            c = n_entries - 1 - i
+            start = c * CH + W
+        else:  # entry c, then the keys [c CH - W, (c + 1) CH - W) join (for c + 1)
+            c = i
+            start = c * CH - W
+        row = bh * n_entries + c
+        u_ptrs = U + (row * S + offs_s[:, None]) * DV + offs_e[None, :]
+        u_mask = s_ok[:, None] & e_ok[None, :]
+        u_out = acc
+        cnt_out = cnt
+        if ACCUMULATE:
+            u_out = acc + tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32)
+            cnt_out = cnt + tl.load(CNT + row * S + offs_s, mask=s_ok, other=0.0)
+        tl.store(u_ptrs, u_out.to(U.dtype.element_ty), mask=u_mask)
+        tl.store(CNT + row * S + offs_s, cnt_out, mask=s_ok & (et == 0))
+        hi = tl.minimum(start + CH, L)
+        if i == n_entries - 1:  # no entry after the last: its keys are not needed
+            hi = start
+        for j0 in range(tl.maximum(start, 0), hi, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            ok = cols < hi
+            code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
+            v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                        mask=ok[:, None] & e_ok[None, :], other=0.0)
+            one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N), exact in any dtype
+            acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
+            cnt += tl.sum(one_hot.to(tl.float32), axis=1)
 
 
 @triton.jit(do_not_specialize=["n_entries", "out_entries", "first", "row_len"])
@@ -778,9 +796,10 @@ def _configs(metas: list[dict], warps: list[int], stages: list[int]) -> list[tri
 # registers on an H100. The interpreter uses 16-wide tiles so that tiny tests cross tiles.
 CONFIGS: dict[str, list[triton.Config]] = {
     # BLOCK_S = 256: one program per (entry, value tile) for S <= 256, v read once
+    # one program per (code tile, batch-head): small code tiles when B H is small
     "sums": _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
-                      {"BLOCK_N": 64, "BLOCK_S": 128}, {"BLOCK_N": 64, "BLOCK_S": 256}],
-                     [4, 4, 8, 8], [2, 3, 2, 2]),
+                      {"BLOCK_N": 64, "BLOCK_S": 32}, {"BLOCK_N": 128, "BLOCK_S": 32},
+                      {"BLOCK_N": 64, "BLOCK_S": 128}], [4, 4, 4, 4, 8], [3, 3, 3, 3, 2]),
     "fwd": _configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128},
@@ -823,21 +842,23 @@ FALLBACK_META: dict[str, dict[str, int]] = {
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
     "dk_far": {"BLOCK_M": 32, "BLOCK_N": 32},
 }
-_KERNELS = {"sums": _chunk_sums_kernel, "fwd": _fwd_kernel, "grad_sums": _grad_sums_kernel,
+_KERNELS = {"sums": _cache_sums_kernel, "fwd": _fwd_kernel, "grad_sums": _grad_sums_kernel,
             "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "dk_far": _bwd_dk_far_kernel}
 _TUNE_KEYS = {
-    "sums": ["S", "CH", "DV"],
+    "sums": ["S", "CH", "DV", "BH"],
     "fwd": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "grad_sums": ["S", "CH", "D", "DV"],
     "dq": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "dkdv": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "dk_far": ["W", "CH", "D", "DV", "L_BUCKET"],
 }
-# The autotuner runs each config several times: kernels that accumulate atomically get their
-# output reset (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk).
+# The autotuner runs each config several times: kernels that accumulate get their output reset
+# (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk; sums with
+# ACCUMULATE: adds the suffix to the prefix).
+_RESTORE = {"dk_far": ["DK"], "sums": ["U", "CNT"]}
 _TUNED = {name: triton.autotune(CONFIGS[name], key=_TUNE_KEYS[name],
                                 reset_to_zero=["DBIAS"] if name == "dq" else None,
-                                restore_value=["DK"] if name == "dk_far" else None)(kernel)
+                                restore_value=_RESTORE.get(name))(kernel)
           for name, kernel in _KERNELS.items()}
 
 
@@ -942,31 +963,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _chunk_sums(spec: _Spec, v: Tensor, codes: Tensor, base: int, entries: int):
-    """Per-code sums (BH, entries, S, Dv) and counts (BH, entries, S) of the keys
-    [base + e CH, base + (e + 1) CH), fp32."""
-    bh, size = spec.batch_heads, spec.size
-    sums = torch.empty(bh, entries, size, spec.value_dim, device=v.device, dtype=torch.float32)
-    counts = torch.empty(bh, entries, size, device=v.device, dtype=torch.float32)
-    if entries == 0:
-        return sums, counts
+def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor, chunk: int,
+                window: int, reverse: bool, accumulate: bool) -> None:
+    """``_cache_sums_kernel`` into u (BH, n, S, Dv) and counts (BH, n, S), n = u.shape[1]."""
+    bh = spec.batch_heads
     _launch(
-        "sums", lambda meta: (entries, triton.cdiv(size, meta["BLOCK_S"]), bh * spec.value_tiles),
-        v, codes, sums, counts, spec.length, size, spec.chunk, base, entries,
+        "sums", lambda meta: (triton.cdiv(spec.size, meta["BLOCK_S"]), bh * spec.value_tiles),
+        v, codes, u, counts, spec.length, spec.size, chunk, window, u.shape[1], bh,
         DV=spec.value_dim, BLOCK_DV=_value_block(spec.value_dim), PREC=_precision(v.dtype),
+        REVERSE=reverse, ACCUMULATE=accumulate,
     )
-    return sums, counts
-
-
-def _exclusive_prefix(x: Tensor) -> Tensor:
-    """out[:, c] = sum_{e < c} x[:, e], one more entry than x."""
-    zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])
-    return torch.cat([zero, x.cumsum(1)], dim=1)
-
-
-def _suffix(x: Tensor) -> Tensor:
-    """out[:, c] = sum_{e >= c} x[:, e]."""
-    return x.flip(1).cumsum(1).flip(1)
 
 
 SCAN_BLOCK = 1024  # floats of a cache row per program of ``_scan_kernel``
@@ -982,32 +988,30 @@ def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool) -> Tensor:
     return out
 
 
-def _exclusive_prefix_triton(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``_exclusive_prefix`` of contiguous fp32 (B, n, ...) chunk sums, in ``dtype``."""
-    out = torch.empty(x.shape[0], x.shape[1] + 1, *x.shape[2:], device=x.device, dtype=dtype)
-    return _scan_into(out, 0, x, reverse=False)
-
-
 def _code_cache(spec: _Spec, v: Tensor, codes: Tensor,
                 u_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """U (BH, n_cache, S, Dv), in ``u_dtype`` (summed in fp32), and n (BH, n_cache, S), fp32:
     the per-code sums each query chunk reads through codes. Chunk c reads the keys
     j < c CH - W ("past"), also j >= (c + 1) CH + W ("far"), or all keys ("all")."""
-    n, w, ch = spec.n_chunks, spec.window, spec.chunk
-    if spec.mode == "all":
-        sums, counts = _chunk_sums(spec, v, codes, 0, n)
-        return sums.sum(1, keepdim=True).to(u_dtype), counts.sum(1, keepdim=True)
-    # key j joins entry e = (j + W) // CH: read by the chunks c > e
-    sums, counts = _chunk_sums(spec, v, codes, -w, n - 1)
-    cnt = _exclusive_prefix(counts)
-    if spec.mode == "past":
-        return _exclusive_prefix_triton(sums, u_dtype), cnt
-    u = _exclusive_prefix(sums)
-    # "far": key j (j >= W) joins e = (j - W) // CH - 1: read by chunks c <= e
-    sums, counts = _chunk_sums(spec, v, codes, ch + w, n - 1)
-    u[:, :-1] += _suffix(sums)
-    cnt[:, :-1] += _suffix(counts)
-    return u.to(u_dtype), cnt
+    shape = (spec.batch_heads, spec.n_cache, spec.size)
+    if spec.mode == "all":  # entry 1 of a prefix over one chunk of L keys: every key
+        u = torch.empty(spec.batch_heads, 2, spec.size, spec.value_dim, device=v.device,
+                        dtype=u_dtype)
+        counts = torch.empty(spec.batch_heads, 2, spec.size, device=v.device,
+                             dtype=torch.float32)
+        _cache_sums(spec, v, codes, u, counts, spec.length, 0, reverse=False, accumulate=False)
+        return u[:, 1:].contiguous(), counts[:, 1:].contiguous()
+    far = spec.mode == "far"
+    # "far" sums the suffix onto the prefix in fp32, then rounds once
+    u = torch.empty(*shape, spec.value_dim, device=v.device,
+                    dtype=torch.float32 if far else u_dtype)
+    counts = torch.empty(*shape, device=v.device, dtype=torch.float32)
+    _cache_sums(spec, v, codes, u, counts, spec.chunk, spec.window, reverse=False,
+                accumulate=False)
+    if far:
+        _cache_sums(spec, v, codes, u, counts, spec.chunk, spec.window, reverse=True,
+                    accumulate=True)
+    return u.to(u_dtype), counts
 
 
 def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:

@@ -22,8 +22,8 @@ for key_grad in ("window", "ste"):
         def run(key_grad=key_grad, mode=mode):
             out = vq_attention(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True,
                                window=W, impl="triton", key_grad=key_grad)
-            if mode == "fwd+bwd":
-                out.backward(g)
+            if mode == "fwd+bwd":  # input gradients returned, not accumulated into .grad
+                torch.autograd.grad(out, (q, k, v, bias), g)
         for _ in range(3):
             run()
         torch.cuda.synchronize()
@@ -43,34 +43,13 @@ for key_grad in ("window", "ste"):
         for name, (t, c) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:12]:
             print(f"  {t:8.3f} ms  x{c:<3d} {name[:90]}")
 
-# A/B of the forward cache: bf16 U + Triton prefix (current) vs fp32 U + torch cumsum (before)
+# the configs the autotuner picked (last key of each kernel)
 import models.vq_attention.triton as tri  # noqa: E402
 
-
-def time_fwd(reps=20):
-    for _ in range(3):
-        vq_attention(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True, window=W,
-                     impl="triton")
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        vq_attention(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True, window=W,
-                     impl="triton")
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-with torch.no_grad():
-    new = time_fwd()
-    saved = tri._forward_cache_dtype, tri._exclusive_prefix_triton
-    tri._forward_cache_dtype = lambda d: torch.float32
-    tri._exclusive_prefix_triton = lambda x, dtype: tri._exclusive_prefix(x).to(dtype)
-    old = time_fwd()
-    tri._forward_cache_dtype, tri._exclusive_prefix_triton = saved
-print(f"\nA/B forward L={L}: bf16 U + prefix kernel {new:.3f} ms; fp32 U + torch cumsum "
-      f"{old:.3f} ms")
+for name, kernel in tri._TUNED.items():
+    best = getattr(kernel, "best_config", None)
+    if best is not None:
+        print(f"best config {name}: {best}")
 
 # chunk size A/B (fwd, and fwd+bwd with key_grad=window)
 from models.vq_attention.triton import vq_attention_triton  # noqa: E402
@@ -89,15 +68,16 @@ def time_call(fn, reps=10):
     return start.elapsed_time(end) / reps
 
 
-for chunk in (64, 128, 256, 512):
+for chunk in (128, 256):
     def fwd(chunk=chunk):
         with torch.no_grad():
             vq_attention_triton(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True,
                                 window=W, key_grad="window", chunk=chunk)
 
     def fwdbwd(chunk=chunk):
-        vq_attention_triton(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True,
-                            window=W, key_grad="window", chunk=chunk).backward(g)
+        out = vq_attention_triton(q, k, v, cb, codes, bias, attn_fn="softmax", causal=True,
+                                  window=W, key_grad="window", chunk=chunk)
+        torch.autograd.grad(out, (q, k, v, bias), g)
 
     print(f"chunk {chunk}: fwd {time_call(fwd):.3f} ms, fwd+bwd (window) "
           f"{time_call(fwdbwd):.3f} ms")
