@@ -180,7 +180,8 @@ def run_op(impl: str, inputs, shape: OpShape, backward: bool) -> torch.Tensor:
         out, _ = _fla_kernel()(q, k_hat, v, scale=1.0, normalize=False)
     if backward:
         leaves = [t for t in (q, k_hat, v, bias) if t is not None and t.requires_grad]
-        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        # allow_unused: sdpa and fla read no bias
+        torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
     return out
 
 

@@ -86,3 +86,16 @@ def test_peak_bandwidth_by_device_name() -> None:
     assert peak_bandwidth_gbps("NVIDIA H200") == 4800.0
     assert peak_bandwidth_gbps("NVIDIA H100 PCIe") == 2000.0
     assert peak_bandwidth_gbps("cpu") is None
+
+
+def test_run_op_backward_of_an_op_without_bias() -> None:
+    """sdpa reads no bias: its fwd+bwd call must not fail on the unused bias leaf."""
+    import torch
+
+    from harness.kernels import OpShape, _differentiable, _reference_inputs, make_inputs, run_op
+
+    shape = OpShape(batch=1, heads=2, dim=16, value_dim=16, codebook_size=8, window=4,
+                    causal=True)
+    inputs = _differentiable(_reference_inputs(
+        "sdpa-flash", make_inputs(shape, 32, "cpu", torch.float32, seed=0)))
+    assert run_op("sdpa-flash", inputs, shape, backward=True).shape == (1, 2, 32, 16)
