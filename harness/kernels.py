@@ -348,10 +348,13 @@ def benchmark(impls: Sequence[str], lengths: Sequence[int], shape: OpShape, devi
                         if IMPLS[impl].vq and mode == "fwd":
                             row.gbps = min_bytes(shape, length, dtype) / timing.ms_median / 1e6
                             row.bw_frac = row.gbps / peak_gbps
-                    except Exception as exc:  # noqa: BLE001 - an OOM ends this cell only
-                        if not is_oom(exc):
-                            raise
-                        row.status, row.note = "oom", type(exc).__name__
+                    except Exception as exc:  # noqa: BLE001 - a failure ends this cell only
+                        # the finished rows are kept; the cell says what went wrong
+                        if is_oom(exc):
+                            row.status, row.note = "oom", type(exc).__name__
+                        else:
+                            row.status = "error"
+                            row.note = f"{type(exc).__name__}: {exc}"[:200]
                         previous = None
                     finally:
                         free_memory(torch.device(device))

@@ -99,3 +99,17 @@ def test_run_op_backward_of_an_op_without_bias() -> None:
     inputs = _differentiable(_reference_inputs(
         "sdpa-flash", make_inputs(shape, 32, "cpu", torch.float32, seed=0)))
     assert run_op("sdpa-flash", inputs, shape, backward=True).shape == (1, 2, 32, 16)
+
+
+def test_a_failing_cell_is_an_error_row_and_the_run_goes_on(monkeypatch):
+    real = kernels.time_op
+
+    def fail_at_32(impl, shape, length, *args, **kwargs):
+        if length == 32:
+            raise RuntimeError("boom")
+        return real(impl, shape, length, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "time_op", fail_at_32)
+    rows = kernels.benchmark(["linear"], [16, 32, 64], SHAPE, "cpu", torch.float32, ("fwd",))
+    assert [r.status for r in rows] == ["ok", "error", "ok"]
+    assert "RuntimeError: boom" in rows[1].note
