@@ -90,15 +90,11 @@ def test_peak_bandwidth_by_device_name() -> None:
 
 def test_run_op_backward_of_an_op_without_bias() -> None:
     """sdpa reads no bias: its fwd+bwd call must not fail on the unused bias leaf."""
-    import torch
-
-    from harness.kernels import OpShape, _differentiable, _reference_inputs, make_inputs, run_op
-
-    shape = OpShape(batch=1, heads=2, dim=16, value_dim=16, codebook_size=8, window=4,
-                    causal=True)
-    inputs = _differentiable(_reference_inputs(
-        "sdpa-flash", make_inputs(shape, 32, "cpu", torch.float32, seed=0)))
-    assert run_op("sdpa-flash", inputs, shape, backward=True).shape == (1, 2, 32, 16)
+    shape = kernels.OpShape(batch=1, heads=2, dim=16, value_dim=16, codebook_size=8, window=4,
+                            causal=True)
+    inputs = kernels._differentiable(kernels._reference_inputs(
+        "sdpa-flash", kernels.make_inputs(shape, 32, "cpu", torch.float32, seed=0)))
+    assert kernels.run_op("sdpa-flash", inputs, shape, backward=True).shape == (1, 2, 32, 16)
 
 
 def test_a_failing_cell_is_an_error_row_and_the_run_goes_on(monkeypatch):

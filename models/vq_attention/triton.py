@@ -50,8 +50,8 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
   gives the local-block part and ``_key_grad.code_key_grad`` (torch, per-code D x Dv states)
   the far part, from code weights computed in torch ((B, H, L, S), this backward only).
 Torch does the small glue: the sum of the d(bias) rows, dtype casts (delta = rowsum(dO O):
-``_delta_kernel``). Block sizes are autotuned
-(``triton.autotune``, keyed on S, D, Dv, W, CH and a power-of-two bucket of L);
+``_delta_kernel``). Block sizes are autotuned (``triton.autotune``, keyed on S, D, Dv, W, CH
+and a power-of-two bucket of L; the cache sums on B H instead of L);
 ``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use the first config. As in
 ``linear.py``/``naive.py`` the window must be >= 1 (W = 0 is rejected by ``check_inputs``; "no local
 part" is the bidirectional op without bias). Inputs: float32, bfloat16 or float16 on CUDA (float64:
@@ -796,7 +796,6 @@ def _configs(metas: list[dict], warps: list[int], stages: list[int]) -> list[tri
 # The first config of each list is the default (no autotuning); all fit D, Dv <= 128 in
 # registers on an H100. The interpreter uses 16-wide tiles so that tiny tests cross tiles.
 CONFIGS: dict[str, list[triton.Config]] = {
-    # BLOCK_S = 256: one program per (entry, value tile) for S <= 256, v read once
     # one program per (code tile, batch-head): small code tiles when B H is small
     "sums": _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
                       {"BLOCK_N": 64, "BLOCK_S": 32}, {"BLOCK_N": 128, "BLOCK_S": 32},
