@@ -15,7 +15,10 @@ from models.ssm import (
     S4DOutput,
     build_memory,
     ema_recurrence_ref,
+    s4d_block_size,
+    s4d_kernel,
     s4d_recurrence_ref,
+    s4d_vandermonde_ref,
 )
 from tests.conftest import assert_close_max as assert_close
 
@@ -63,6 +66,72 @@ def test_s4d_kernel_vandermonde_matches_loop() -> None:
     assert_close("kernel", loop, kern(length), 1e-12)
 
 
+S4D_KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
+
+
+@pytest.mark.parametrize(
+    ("length", "block"),
+    [
+        (1, None),  # L < T = 64: one block, mostly cut off
+        (37, None),
+        (64, None),  # L = T
+        (100, None),  # 2 blocks of 64, the last partial
+        (1000, None),
+        (5000, None),  # T = 128, M = 40, the last block partial
+        (37, 8),  # M = 5, 3 positions used of the last block
+        (64, 16),  # T divides L
+        (50, 128),  # L < T, explicit block
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+def test_s4d_blocked_kernel_matches_vandermonde(
+    length: int, block: int | None, channels: int, dtype: torch.dtype, tol: float
+) -> None:
+    """``s4d_kernel`` (l = m T + j, one real bmm) equals the direct (H, N/2, L) Vandermonde
+    formula, and so do the gradients w.r.t. every kernel parameter (random upstream)."""
+    torch.manual_seed(length + channels)
+    kern = S4DKernel(4, d_state=16, channels=channels, init="inv" if channels == 2 else "lin")
+    kern = kern.to(dtype)
+    upstream = torch.randn(channels, 4, length, dtype=dtype)
+
+    def run(fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kern.zero_grad()
+        dt_a, d_b, c = kern.discretize()
+        k = fn(c * d_b, dt_a, length)
+        k.backward(upstream)
+        return k.detach(), {n: kern.get_parameter(n).grad.clone() for n in S4D_KERNEL_PARAMS}
+
+    k_ref, grads_ref = run(s4d_vandermonde_ref)
+    k_new, grads_new = run(lambda w, dt_a, n: s4d_kernel(w, dt_a, n, block=block))
+    assert k_new.shape == (channels, 4, length) and k_new.dtype == dtype
+    assert_close("kernel", k_ref, k_new, tol)
+    for name in S4D_KERNEL_PARAMS:
+        assert_close(name, grads_ref[name], grads_new[name], tol)
+    if block is None:  # the module's forward is the blocked kernel
+        assert_close("module", k_ref, kern(length).detach(), tol)
+
+
+def test_s4d_block_size() -> None:
+    """T: smallest power of two >= sqrt(L), at least 64; so M = ceil(L / T) <= T."""
+    expected = {1: 64, 64: 64, 4096: 64, 4097: 128, 5000: 128, 65536: 256, 65537: 512,
+                10**6: 1024}
+    for length, t in expected.items():
+        assert s4d_block_size(length) == t, length
+        assert -(-length // t) <= t and t * t >= length
+
+
+def test_s4d_kernel_ignores_autocast() -> None:
+    """The kernel's real bmm stays float32 under autocast (a complex einsum would anyway)."""
+    torch.manual_seed(0)
+    kern = S4DKernel(4, d_state=16, channels=2)
+    ref = kern(300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k = kern(300)
+    assert k.dtype == torch.float32
+    assert_close("autocast kernel", ref, k, 1e-6)
+
+
 def test_s4d_inits() -> None:
     torch.manual_seed(0)
     n_state = 16
@@ -102,15 +171,14 @@ def test_ema_gradients_flow() -> None:
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("kind", ["s4d", "ema"])
-def test_chunked_kernel_generation_equals_one_shot(monkeypatch, kind: str) -> None:
-    """Kernels built in checkpointed chunks of 16 positions (4 of them, the last partial) give
-    the one-shot kernel's layer outputs and every parameter gradient (random upstream)."""
+def test_chunked_kernel_generation_equals_one_shot(monkeypatch) -> None:
+    """EMA kernels built in checkpointed chunks of 16 positions (4 of them, the last partial)
+    give the one-shot kernel's layer outputs and every parameter gradient (random upstream).
+    (S4D's kernel is blocked instead: ``test_s4d_blocked_kernel_matches_vandermonde``.)"""
     import models.ssm
 
     torch.manual_seed(0)
-    layer = (S4D(4, d_state=8, bidirectional=True) if kind == "s4d"
-             else MultiHeadEMA(4, ndim=4, bidirectional=True)).double()
+    layer = MultiHeadEMA(4, ndim=4, bidirectional=True).double()
     u = torch.randn(2, 55, 4, dtype=torch.float64)
     upstream = torch.randn(2, 55, 4, dtype=torch.float64)
 

@@ -151,6 +151,39 @@ def _stable_case(fn, causal) -> dict[str, float]:
                            attn_fn="softmax", causal=causal, window=8)
 
 
+# (mode, segments): the code cache alone, each pass over the keys split into segments that start
+# from the totals of the ones before (after, for the suffix pass); L = 45, CH = 16: 3 entries
+CACHE_CASES = [("past", 1), ("past", 2), ("past", 3), ("far", 2), ("far", 3), ("all", 1),
+               ("all", 5)]
+
+
+def _cache_case(_fn, case) -> dict[str, float]:
+    """``_code_cache`` vs per-code sums in float64 over each entry's keys (j < c CH - W, also
+    j >= (c + 1) CH + W for "far", every key for "all")."""
+    from models.vq_attention.triton import _code_cache, _Spec
+
+    mode, segments = case
+    length, chunk, window, size, value_dim = 45, 16, 8, 19, 40
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randn(2, length, value_dim, generator=gen)
+    codes = torch.randint(0, size, (2, length), generator=gen, dtype=torch.int32)
+    spec = _Spec(batch_heads=2, heads=2, length=length, dim=16, value_dim=value_dim, size=size,
+                 window=window, chunk=chunk, attn_fn="softmax", causal=mode == "past",
+                 mode=mode, has_bias=True, key_grad="window", strategy="auto",
+                 cb_head_stride=0)
+    u, counts = _code_cache(spec, v, codes, torch.float32, segments=segments)
+    one_hot = torch.nn.functional.one_hot(codes.long(), size).double()  # (BH, L, S)
+    j = torch.arange(length)
+    keys = [torch.ones(length, dtype=torch.bool)] if mode == "all" else [
+        (j < c * chunk - window) | ((j >= (c + 1) * chunk + window) & (mode == "far"))
+        for c in range(-(-length // chunk))]
+    ref_u = torch.stack([torch.einsum("bjs,bjd->bsd", one_hot * m[:, None], v.double())
+                         for m in keys], 1)
+    ref_n = torch.stack([(one_hot * m[:, None]).sum(1) for m in keys], 1)
+    return {name: ((ref - x.double()).norm() / ref.norm()).item()
+            for name, ref, x in (("u", ref_u, u), ("counts", ref_n, counts))}
+
+
 def _interpreter_main() -> None:
     """``TRITON_INTERPRET=1 python -m tests.test_vq_attention_triton``: every interpreter case,
     one JSON line of relative errors (or the traceback) per case id."""
@@ -169,7 +202,8 @@ def _interpreter_main() -> None:
     from models.vq_attention.triton import vq_attention_triton
 
     jobs = {**{_case_id(c): (_interpreter_case, c) for c in INTERPRETER_CASES},
-            **{f"stable-{c}": (_stable_case, c) for c in STABLE_CASES}}
+            **{f"stable-{c}": (_stable_case, c) for c in STABLE_CASES},
+            **{f"cache-{c[0]}-{c[1]}": (_cache_case, c) for c in CACHE_CASES}}
     results = {}
     for case_id, (runner, case) in jobs.items():
         try:
@@ -204,6 +238,12 @@ def check_interpreter_result(results: dict, case_id: str, tol: float) -> None:
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=_case_id)
 def test_interpreter_matches_naive(interpreter_results, case):
     check_interpreter_result(interpreter_results, _case_id(case), INTERPRETER_TOL)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", CACHE_CASES, ids=_case_id)
+def test_interpreter_code_cache_segments(interpreter_results, case):
+    check_interpreter_result(interpreter_results, f"cache-{case[0]}-{case[1]}", 1e-6)
 
 
 @requires_triton
@@ -302,6 +342,31 @@ def test_cuda_far_key_strategies_and_shared_codebook(one_config, strategy, attn_
     compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.float32,
             TOL[torch.float32], {"key_grad_strategy": strategy, "chunk": 64}, attn_fn=attn_fn,
             causal=causal, window=32)  # fmt: skip
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+def test_autocast_runs_the_kernels_in_autocast_dtype(one_config):
+    """float32 q, k_hat, v under bf16 autocast (LongVQ's q and k come from a float32 affine
+    map): the kernels read bf16, as for bf16 inputs, and the gradients keep the inputs' dtype."""
+    from models.vq_attention.triton import vq_attention_triton
+
+    leaves, codebook, codes, grad_out = make_case(2, 2, 300, 64, 64, 64, 32, "softmax", True,
+                                                  seed=4, device="cuda")
+    q, k, v = (leaves[name].float().requires_grad_() for name in ("q", "k", "v"))
+    book = codebook.float()
+    k_hat = torch.stack([book[h][codes[:, h]] for h in range(2)], 1) + (k - k.detach())
+    options = dict(attn_fn="softmax", causal=False, window=32, key_grad="window")
+    bias = leaves["bias"].float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = vq_attention_triton(q, k_hat, v, book, codes, bias, **options)
+    ref = vq_attention_triton(q.bfloat16(), k_hat.bfloat16(), v.bfloat16(), book.bfloat16(),
+                              codes, bias, **options)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grads = torch.autograd.grad(out, [q, k, v], grad_out.to(out.dtype))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 @requires_triton

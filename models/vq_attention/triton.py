@@ -13,7 +13,8 @@ chunk c the keys split into
     value sums U_s (and counts n_s) of those keys. They are the same for every query of the
     chunk: one (S, Dv) *chunk cache* entry per chunk, the sums over the keys before the band
     (causal) or outside it (bidirectional: a prefix pass, then a suffix pass added to it),
-    each built in one pass over the keys by ``_cache_sums_kernel``.
+    each built in one pass over the keys by ``_cache_sums_kernel`` (split into segments that
+    start from ``_segment_sums_kernel`` totals when B H alone would not fill the GPU).
     Bidirectional without bias (and key_grad="ste"): no band, one cache entry of all keys.
 Keys of the band outside the local blocks are read exactly too: k_hat_j == c_{s_j}, so the value
 is the same as through their code (that is what ``linear.py`` computes with a per-block cache, CH
@@ -247,10 +248,62 @@ def _dp_tile(dp, V, DO, bh, L, cols, col_ok, rows, row_ok, DV: tl.constexpr,
 # the dk part loop over the value tiles for dO . v and dO . U.
 
 
-@triton.jit(do_not_specialize=["L", "S", "CH", "W", "n_entries", "BH"])
+@triton.jit
+def _add_code_sums(acc, cnt, V, CODES, bh, lo, hi, L, offs_s, offs_e, e_ok, DV: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += the per-code sums of v over the keys [max(lo, 0), hi) (one-hot dots, exact
+    selection in any dtype), cnt += their counts."""
+    for j0 in range(tl.maximum(lo, 0), hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
+        v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                    mask=ok[:, None] & e_ok[None, :], other=0.0)
+        one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N)
+        acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
+        cnt += tl.sum(one_hot.to(tl.float32), axis=1)
+    return acc, cnt
+
+
+@triton.jit
+def _sums_tile(pid_s, pid_be, S, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_S: tl.constexpr):
+    """A sums program's batch-head, value tile, code/value offsets and masks."""
+    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_e = (pid_be % n_e) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    return (pid_be // n_e).to(tl.int64), pid_be % n_e, offs_s, offs_e, offs_s < S, offs_e < DV
+
+
+@triton.jit(do_not_specialize=["L", "S", "seg_keys", "offset", "n_seg", "BH"])
+def _segment_sums_kernel(
+    V, CODES, T, TCNT,
+    L, S, seg_keys, offset, n_seg, BH,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Per-code sums (fp32) and counts of the keys [g seg_keys + offset, (g + 1) seg_keys +
+    offset) of each segment g = program_id(2): T (BH, n_seg, S, Dv), TCNT (BH, n_seg, S). The
+    starting values of ``_cache_sums_kernel``'s segments, and the whole "all" cache. (BH,
+    unused, keys the autotuner.)"""
+    bh, et, offs_s, offs_e, s_ok, e_ok = _sums_tile(tl.program_id(0), tl.program_id(1), S, DV,
+                                                    BLOCK_DV, BLOCK_S)
+    g = tl.program_id(2)
+    lo = g * seg_keys + offset
+    acc, cnt = _add_code_sums(tl.zeros([BLOCK_S, BLOCK_DV], tl.float32),
+                              tl.zeros([BLOCK_S], tl.float32), V, CODES, bh, lo,
+                              tl.minimum(lo + seg_keys, L), L, offs_s, offs_e, e_ok, DV, PREC,
+                              BLOCK_N)
+    row = bh * n_seg + g
+    tl.store(T + (row * S + offs_s[:, None]) * DV + offs_e[None, :], acc,
+             mask=s_ok[:, None] & e_ok[None, :])
+    tl.store(TCNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
+
+
+@triton.jit(do_not_specialize=["L", "S", "CH", "W", "n_entries", "seg_entries", "n_seg", "BH"])
 def _cache_sums_kernel(
-    V, CODES, U, CNT,
-    L, S, CH, W, n_entries, BH,
+    V, CODES, T, TCNT, U, CNT,
+    L, S, CH, W, n_entries, seg_entries, n_seg, BH,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
     REVERSE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -258,29 +311,40 @@ def _cache_sums_kernel(
     """Code cache in one pass over the keys: entry c = per-code sums of v (summed in fp32,
     stored in U's dtype) and counts of the keys j < c CH - W (forward), or j >= (c + 1) CH + W
     (REVERSE), c = 0..n_entries-1; ACCUMULATE adds them to U and CNT. One program per (code
-    tile, batch-head and value tile) walks the entries in order, keeping the running sums in
-    registers: no per-chunk sums in HBM and no separate scan. (BH, unused, keys the autotuner:
-    the grid holds S / BLOCK_S x BH programs.)"""
-    sid = tl.program_id(0)
-    n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
-    bh = (tl.program_id(1) // n_e).to(tl.int64)
-    et = tl.program_id(1) % n_e
-    offs_s = sid * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    s_ok = offs_s < S
-    e_ok = offs_e < DV
+    tile, batch-head and value tile, segment of ``seg_entries`` entries) walks its entries in
+    order, keeping the running sums in registers: no per-chunk sums in HBM and no separate
+    scan. A segment starts from the ``_segment_sums_kernel`` totals T, TCNT of the segments
+    before it (after it, REVERSE): with few batch-heads one program per (code tile, batch-head)
+    would leave most of the GPU idle while it walks all L keys. (BH, unused, keys the
+    autotuner.)"""
+    bh, et, offs_s, offs_e, s_ok, e_ok = _sums_tile(tl.program_id(0), tl.program_id(1), S, DV,
+                                                    BLOCK_DV, BLOCK_S)
+    g = tl.program_id(2)
+    u_mask = s_ok[:, None] & e_ok[None, :]
     acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     cnt = tl.zeros([BLOCK_S], tl.float32)
-    for i in range(0, n_entries):
+    if REVERSE:
+        g_lo = g + 1
+        g_hi = n_seg
+    else:
+        g_lo = 0
+        g_hi = g
+    for g2 in range(g_lo, g_hi):
+        row = bh * n_seg + g2
+        acc += tl.load(T + (row * S + offs_s[:, None]) * DV + offs_e[None, :], mask=u_mask,
+                       other=0.0)
+        cnt += tl.load(TCNT + row * S + offs_s, mask=s_ok, other=0.0)
+    first = g * seg_entries
+    count = tl.minimum(n_entries - first, seg_entries)
+    for i in range(0, count):
         if REVERSE:  # entry c, then the keys [c CH + W, (c + 1) CH + W) join (for c - 1)
-            c = n_entries - 1 - i
+            c = first + count - 1 - i
             start = c * CH + W
         else:  # entry c, then the keys [c CH - W, (c + 1) CH - W) join (for c + 1)
-            c = i
+            c = first + i
             start = c * CH - W
         row = bh * n_entries + c
         u_ptrs = U + (row * S + offs_s[:, None]) * DV + offs_e[None, :]
-        u_mask = s_ok[:, None] & e_ok[None, :]
         u_out = acc
         cnt_out = cnt
         if ACCUMULATE:
@@ -289,17 +353,10 @@ def _cache_sums_kernel(
         tl.store(u_ptrs, u_out.to(U.dtype.element_ty), mask=u_mask)
         tl.store(CNT + row * S + offs_s, cnt_out, mask=s_ok & (et == 0))
         hi = tl.minimum(start + CH, L)
-        if i == n_entries - 1:  # no entry after the last: its keys are not needed
+        if i == count - 1:  # the segment's last entry: the next segment starts from T
             hi = start
-        for j0 in range(tl.maximum(start, 0), hi, BLOCK_N):
-            cols = j0 + tl.arange(0, BLOCK_N)
-            ok = cols < hi
-            code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
-            v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
-                        mask=ok[:, None] & e_ok[None, :], other=0.0)
-            one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N), exact in any dtype
-            acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
-            cnt += tl.sum(one_hot.to(tl.float32), axis=1)
+        acc, cnt = _add_code_sums(acc, cnt, V, CODES, bh, start, hi, L, offs_s, offs_e, e_ok,
+                                  DV, PREC, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["n_entries", "out_entries", "first", "row_len"])
@@ -793,13 +850,15 @@ def _configs(metas: list[dict], warps: list[int], stages: list[int]) -> list[tri
             for meta, w, s in zip(metas, warps, stages, strict=True)]
 
 
+SUMS_CONFIGS = _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
+                         {"BLOCK_N": 64, "BLOCK_S": 32}, {"BLOCK_N": 128, "BLOCK_S": 32},
+                         {"BLOCK_N": 64, "BLOCK_S": 128}], [4, 4, 4, 4, 8], [3, 3, 3, 3, 2])
 # The first config of each list is the default (no autotuning); all fit D, Dv <= 128 in
 # registers on an H100. The interpreter uses 16-wide tiles so that tiny tests cross tiles.
 CONFIGS: dict[str, list[triton.Config]] = {
-    # one program per (code tile, batch-head): small code tiles when B H is small
-    "sums": _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
-                      {"BLOCK_N": 64, "BLOCK_S": 32}, {"BLOCK_N": 128, "BLOCK_S": 32},
-                      {"BLOCK_N": 64, "BLOCK_S": 128}], [4, 4, 4, 4, 8], [3, 3, 3, 3, 2]),
+    # one program per (code tile, batch-head, segment): small code tiles when B H is small
+    "sums": SUMS_CONFIGS,
+    "seg_sums": SUMS_CONFIGS,
     "fwd": _configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128},
@@ -827,6 +886,7 @@ CONFIGS: dict[str, list[triton.Config]] = {
 }
 INTERPRETER_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 16, "BLOCK_S": 16},
+    "seg_sums": {"BLOCK_N": 16, "BLOCK_S": 16},
     "fwd": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16},
     "grad_sums": {"BLOCK_M": 16, "BLOCK_S": 16},
     "dq": _with_block_t({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16}),
@@ -836,16 +896,19 @@ INTERPRETER_META: dict[str, dict[str, int]] = {
 }
 FALLBACK_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 32, "BLOCK_S": 32},
+    "seg_sums": {"BLOCK_N": 32, "BLOCK_S": 32},
     "fwd": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32},
     "grad_sums": {"BLOCK_M": 32, "BLOCK_S": 32},
     "dq": _with_block_t({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32}),
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
     "dk_far": {"BLOCK_M": 32, "BLOCK_N": 32},
 }
-_KERNELS = {"sums": _cache_sums_kernel, "fwd": _fwd_kernel, "grad_sums": _grad_sums_kernel,
+_KERNELS = {"sums": _cache_sums_kernel, "seg_sums": _segment_sums_kernel, "fwd": _fwd_kernel,
+            "grad_sums": _grad_sums_kernel,
             "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "dk_far": _bwd_dk_far_kernel}
 _TUNE_KEYS = {
     "sums": ["S", "CH", "DV", "BH"],
+    "seg_sums": ["S", "DV", "BH"],
     "fwd": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "grad_sums": ["S", "CH", "D", "DV"],
     "dq": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
@@ -963,15 +1026,61 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor, chunk: int,
-                window: int, reverse: bool, accumulate: bool) -> None:
-    """``_cache_sums_kernel`` into u (BH, n, S, Dv) and counts (BH, n, S), n = u.shape[1]."""
+# Cache sums: aim for this many programs per SM (one per code tile and batch-head alone is
+# a few dozen programs when B H is small, e.g. LongVQ's single head at batch 2)
+SUMS_PROGRAMS_PER_SM = 2
+
+
+def _sms(device: torch.device) -> int:
+    return 2 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sums_segments(spec: _Spec, n_units: int, device: torch.device) -> int:
+    """How many segments to split ``n_units`` (cache entries, or key tiles for "all") into so
+    that the sums kernels fill the GPU: at least 1, at most n_units."""
+    programs, sms = triton.cdiv(spec.size, 64) * spec.batch_heads * spec.value_tiles, _sms(device)
+    if programs >= sms:  # a full wave already: a totals pass would only add work
+        return 1
+    want = triton.cdiv(SUMS_PROGRAMS_PER_SM * sms, programs)
+    return max(1, min(want, n_units))
+
+
+def _segment_sums(spec: _Spec, v: Tensor, codes: Tensor, n_seg: int, seg_keys: int,
+                  offset: int) -> tuple[Tensor, Tensor]:
+    """``_segment_sums_kernel``: fp32 per-code sums T (BH, n_seg, S, Dv) and counts (BH, n_seg,
+    S) of the keys [g seg_keys + offset, (g + 1) seg_keys + offset), g < n_seg."""
     bh = spec.batch_heads
+    t = torch.empty(bh, n_seg, spec.size, spec.value_dim, device=v.device, dtype=torch.float32)
+    t_cnt = torch.empty(bh, n_seg, spec.size, device=v.device, dtype=torch.float32)
     _launch(
-        "sums", lambda meta: (triton.cdiv(spec.size, meta["BLOCK_S"]), bh * spec.value_tiles),
-        v, codes, u, counts, spec.length, spec.size, chunk, window, u.shape[1], bh,
+        "seg_sums", lambda meta: (triton.cdiv(spec.size, meta["BLOCK_S"]),
+                                  bh * spec.value_tiles, n_seg),
+        v, codes, t, t_cnt, spec.length, spec.size, seg_keys, offset, n_seg, bh,
         DV=spec.value_dim, BLOCK_DV=_value_block(spec.value_dim), PREC=_precision(v.dtype),
-        REVERSE=reverse, ACCUMULATE=accumulate,
+    )
+    return t, t_cnt
+
+
+def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor,
+                reverse: bool, accumulate: bool, segments: int | None = None) -> None:
+    """``_cache_sums_kernel`` into u (BH, n, S, Dv) and counts (BH, n, S), n = n_chunks, split
+    into ``segments`` (default ``_sums_segments``) whose starting sums come from
+    ``_segment_sums``."""
+    bh, n, chunk, window = spec.batch_heads, spec.n_chunks, spec.chunk, spec.window
+    n_seg = _sums_segments(spec, n, v.device) if segments is None else min(segments, n)
+    seg_entries = triton.cdiv(n, n_seg)
+    n_seg = triton.cdiv(n, seg_entries)  # no empty segment
+    if n_seg > 1:  # segment g's keys join during its entries (the last segment's: unused)
+        t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_entries * chunk,
+                                 window if reverse else -window)
+    else:
+        t, t_cnt = u, counts  # not read
+    _launch(
+        "sums", lambda meta: (triton.cdiv(spec.size, meta["BLOCK_S"]), bh * spec.value_tiles,
+                              n_seg),
+        v, codes, t, t_cnt, u, counts, spec.length, spec.size, chunk, window, n, seg_entries,
+        n_seg, bh, DV=spec.value_dim, BLOCK_DV=_value_block(spec.value_dim),
+        PREC=_precision(v.dtype), REVERSE=reverse, ACCUMULATE=accumulate,
     )
 
 
@@ -988,29 +1097,30 @@ def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool) -> Tensor:
     return out
 
 
-def _code_cache(spec: _Spec, v: Tensor, codes: Tensor,
-                u_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def _code_cache(spec: _Spec, v: Tensor, codes: Tensor, u_dtype: torch.dtype = torch.float32,
+                segments: int | None = None) -> tuple[Tensor, Tensor]:
     """U (BH, n_cache, S, Dv), in ``u_dtype`` (summed in fp32), and n (BH, n_cache, S), fp32:
     the per-code sums each query chunk reads through codes. Chunk c reads the keys
-    j < c CH - W ("past"), also j >= (c + 1) CH + W ("far"), or all keys ("all")."""
-    shape = (spec.batch_heads, spec.n_cache, spec.size)
-    if spec.mode == "all":  # entry 1 of a prefix over one chunk of L keys: every key
-        u = torch.empty(spec.batch_heads, 2, spec.size, spec.value_dim, device=v.device,
-                        dtype=u_dtype)
-        counts = torch.empty(spec.batch_heads, 2, spec.size, device=v.device,
-                             dtype=torch.float32)
-        _cache_sums(spec, v, codes, u, counts, spec.length, 0, reverse=False, accumulate=False)
-        return u[:, 1:].contiguous(), counts[:, 1:].contiguous()
+    j < c CH - W ("past"), also j >= (c + 1) CH + W ("far"), or all keys ("all").
+    ``segments``: how many pieces each pass over the keys is split into (default: enough to
+    fill the GPU)."""
+    if spec.mode == "all":  # segment totals of the keys, summed
+        tiles = triton.cdiv(spec.length, 64)
+        n_seg = _sums_segments(spec, tiles, v.device) if segments is None else segments
+        seg_keys = triton.cdiv(spec.length, n_seg)
+        t, t_cnt = _segment_sums(spec, v, codes, triton.cdiv(spec.length, seg_keys), seg_keys,
+                                 0)
+        return t.sum(1, keepdim=True).to(u_dtype), t_cnt.sum(1, keepdim=True)
     far = spec.mode == "far"
+    shape = (spec.batch_heads, spec.n_cache, spec.size)
     # "far" sums the suffix onto the prefix in fp32, then rounds once
     u = torch.empty(*shape, spec.value_dim, device=v.device,
                     dtype=torch.float32 if far else u_dtype)
     counts = torch.empty(*shape, device=v.device, dtype=torch.float32)
-    _cache_sums(spec, v, codes, u, counts, spec.chunk, spec.window, reverse=False,
-                accumulate=False)
+    _cache_sums(spec, v, codes, u, counts, reverse=False, accumulate=False, segments=segments)
     if far:
-        _cache_sums(spec, v, codes, u, counts, spec.chunk, spec.window, reverse=True,
-                    accumulate=True)
+        _cache_sums(spec, v, codes, u, counts, reverse=True, accumulate=True,
+                    segments=segments)
     return u.to(u_dtype), counts
 
 
@@ -1242,6 +1352,7 @@ def vq_attention_triton(
 ) -> Tensor:
     """Same contract as ``vq_attention_linear`` (shapes, dtypes, gradients to q, k_hat, v and
     bias; none to codebook and codes), on CUDA tensors (CPU only under TRITON_INTERPRET=1).
+    Under autocast q, k_hat and v are cast to the autocast dtype and so is the output.
     key_grad_strategy for key_grad="ste": "dense" (Triton, every pair, in the dk/dv kernel),
     "split" (Triton, every pair; the far query rows in a second kernel spread over many
     programs), "codes" (torch per-code states for the far keys) or "auto" ("split" up to L =
@@ -1251,6 +1362,12 @@ def vq_attention_triton(
     check_choice("key_grad_strategy", key_grad_strategy, TRITON_KEY_GRAD_STRATEGIES)
     if not q.is_cuda and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}); use impl='linear'")
+    if torch.is_autocast_enabled(q.device.type):
+        # as SDPA under autocast: the kernels read the autocast dtype. In the models q and k
+        # come from a float32 affine map (Mega's scale/offset), so without this the kernels
+        # ran float32 (3xTF32 dots, twice the bytes) inside a bf16 training step
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k_hat, v = (x.to(dtype) for x in (q, k_hat, v))
     kernel_dtype(q, k_hat, v)
     chunk = default_chunk(window) if chunk is None else chunk
     if not isinstance(chunk, int) or chunk < window or chunk % window:
