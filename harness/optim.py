@@ -48,10 +48,13 @@ def param_groups(
 
 
 def build_optimizer(
-    model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.01
+    model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.01, capturable: bool = False
 ) -> tuple[torch.optim.Optimizer, list[dict[str, Any]]]:
+    """AdamW over ``param_groups``; ``capturable``: its step can be captured in a CUDA graph
+    (step counts on the device)."""
     groups, summary = param_groups(model, lr, weight_decay)
     # fused on CUDA: one kernel per step instead of foreach's launches per group and state
     # tensor (LongVQ's hinted groups made the foreach step ~2.7 ms of GPU time on an H200)
     fused = all(p.is_cuda for group in groups for p in group["params"]) and bool(groups)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused), summary
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused,
+                             capturable=capturable), summary

@@ -46,17 +46,20 @@ from harness.report_doc import (
 
 GROWTH_LIMIT = 9.0  # the issue's bound on per-sequence time growth 8K -> 64K (linear models)
 BACKBONE_KEYS = ["d_model", "n_layers", "d_ffn", "n_heads"]
-RUN_KEYS = ["preset", "device", "dtype", "compile"]
+RUN_KEYS = ["preset", "device", "dtype", "compile", "cuda_graph"]
 
 
 def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows written before a field existed get its default (compile off, no preset)."""
+    """Rows written before a field existed get its default (compile and CUDA graph off, no
+    preset)."""
     frame = frame.copy()
-    for column, default in (("compile", False), ("preset", ""), ("message", "")):
+    for column, default in (("compile", False), ("cuda_graph", False), ("preset", ""),
+                            ("message", "")):
         if column not in frame:
             frame[column] = default
         frame[column] = frame[column].astype(object).where(frame[column].notna(), default)
     frame["compile"] = frame["compile"].map(bool)
+    frame["cuda_graph"] = frame["cuda_graph"].map(bool)
     return frame
 
 
@@ -263,7 +266,8 @@ def backbone_text(frame: pd.DataFrame) -> str:
                        ok.groupby("model")["params"].first().items())
     first_row = frame.iloc[0]
     run = (f"device {first_row.get('device')}, dtype {first_row.get('dtype')}, "
-           f"torch.compile {'on' if first_row.get('compile') else 'off'}")
+           f"torch.compile {'on' if first_row.get('compile') else 'off'}, "
+           f"CUDA graph {'on' if first_row.get('cuda_graph') else 'off'}")
     return (f"Backbone: {', '.join(parts)}; heads: {heads or '-'}. Batch: {batch_text}. {run}. "
             f"Params: {params or '-'}.")
 
@@ -346,7 +350,8 @@ def efficiency_report(frame: pd.DataFrame, out_dir: Path,
 
 # -- files of `efficiency --preset ... --out DIR` and `--profile` ------------------------------
 PRESET_CSV_COLUMNS = [
-    "model", "backend", "seq_len", "batch", "head", "compile", "status", "message", "ms_median",
+    "model", "backend", "seq_len", "batch", "head", "compile", "cuda_graph", "status", "message",
+    "ms_median",
     "ms_p20", "ms_p80", "tokens_per_s", "peak_mem_mib", "params", "speed_x_vanilla",
     "mem_x_vanilla", "speed_x_sdpa", "mem_x_sdpa", "d_model", "n_layers", "d_ffn", "n_heads",
     "vocab_size", "n_classes", "device", "dtype", "preset", "warmup", "steps", "torch", "cuda",

@@ -37,7 +37,7 @@ QUICK_BACKBONE: dict[str, Any] = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d
 CSV_COLUMNS = [
     "model", "backend", "seq_len", "batch", "status", "ms_median", "ms_p20", "ms_p80",
     "tokens_per_s", "peak_mem_mib", "params", "device", "dtype", "d_model", "n_layers",
-    "n_heads", "d_ffn", "head", "compile", "preset", "codebook_utilisation",
+    "n_heads", "d_ffn", "head", "compile", "cuda_graph", "preset", "codebook_utilisation",
     "codebook_perplexity", "message", "torch", "cuda", "tf32", "git_commit", "timestamp",
     "cell_key",
 ]
@@ -63,7 +63,7 @@ class PlannedCell:
         """Cells of one model and config that differ only in (L, batch)."""
         config = config_hash(self.model_config.to_dict())
         c = self.cell
-        return (c.model, config, c.device, c.dtype, c.compile, c.lr, self.preset)
+        return (c.model, config, c.device, c.dtype, c.compile, c.cuda_graph, c.lr, self.preset)
 
 
 def overrides_for(entry: Entry, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +91,7 @@ def plan_shapes(
     seed: int,
     compile: bool = False,
     preset: str = "",
+    cuda_graph: bool = False,
     max_step_s: float | None = None,
 ) -> list[PlannedCell]:
     """Every entry x (seq_len, batch) pair, entry-major in the given shape order (a plain
@@ -109,7 +110,7 @@ def plan_shapes(
         model_config = entry.make_config(**entry_overrides)
         for seq_len, batch in shapes:
             cell = EfficiencyCell(spec.label, seq_len, batch, device, dtype, warmup, steps,
-                                  seed, compile=compile)
+                                  seed, compile=compile, cuda_graph=cuda_graph)
             key = cell_key(cell, model_config, device_label, preset)
             planned.append(PlannedCell(entry, model_config, cell, key, preset, max_step_s))
     return planned
@@ -119,12 +120,13 @@ def cell_key(cell: EfficiencyCell, model_config: Any, device_label: str, preset:
     """The store key of an efficiency cell: what was asked, the full model config, the device,
     and the preset when there is one.
 
-    ``compile`` enters the key only when on, so the keys of rows written before the field
-    existed (all eager) stay valid and a rerun still finds them.
+    ``compile`` and ``cuda_graph`` enter the key only when on, so the keys of rows written
+    before the fields existed (all eager) stay valid and a rerun still finds them.
     """
     described = cell.to_dict()
-    if not described.get("compile"):
-        described.pop("compile", None)
+    for flag in ("compile", "cuda_graph"):
+        if not described.get(flag):
+            described.pop(flag, None)
     payload = {"kind": "efficiency", "cell": described,
                "model_config": model_config.to_dict(), "device_name": device_label}
     if preset:

@@ -222,16 +222,18 @@ def test_max_step_s_stops_a_slow_cell(one_thread):
 
 
 # -- compile field -----------------------------------------------------------------------------
-def test_compile_off_keeps_old_keys_and_on_changes_them():
+def test_compile_and_graph_off_keep_old_keys_and_on_change_them():
     entry = REGISTRY.get("transformer_sdpa")
     config = entry.make_config()
     cell = EfficiencyCell("transformer_sdpa", 64, 2, "cpu", "fp32")
     old_payload = {"kind": "efficiency", "cell": {k: v for k, v in cell.to_dict().items()
-                                                  if k != "compile"},
+                                                  if k not in ("compile", "cuda_graph")},
                    "model_config": config.to_dict(), "device_name": "dev"}
     assert harness.runner.cell_key(cell, config, "dev") == config_hash(old_payload)
     compiled = EfficiencyCell("transformer_sdpa", 64, 2, "cpu", "fp32", compile=True)
-    assert harness.runner.cell_key(compiled, config, "dev") != config_hash(old_payload)
+    graphed = EfficiencyCell("transformer_sdpa", 64, 2, "cpu", "fp32", cuda_graph=True)
+    keys = {harness.runner.cell_key(c, config, "dev") for c in (cell, compiled, graphed)}
+    assert len(keys) == 3
     assert harness.runner.cell_key(cell, config, "dev", "scaling") != config_hash(old_payload)
 
 
@@ -249,6 +251,18 @@ def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one
     assert len(compiled) == 1
     rows = Store(tmp_path / "b.db").dataframe("efficiency")
     assert sorted(rows["compile"]) == [False, True] and set(rows["status"]) == {"ok"}
+
+
+def test_cuda_graph_needs_cuda(tmp_path, capsys):
+    code = main(["efficiency", "--models", "transformer_sdpa", "--lengths", "32", "--device",
+                 "cpu", "--cuda-graph", "--store", str(tmp_path / "b.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cuda-graph" in err and len(err.splitlines()) == 1
+    cell = EfficiencyCell("transformer_sdpa", 32, 2, "cpu", "fp32", cuda_graph=True)
+    entry = REGISTRY.get("transformer_sdpa")
+    config = entry.make_config(**harness.runner.QUICK_BACKBONE)
+    outcome = harness.measure.measure(entry, config, cell)
+    assert outcome.status == "error" and "cuda_graph needs a CUDA device" in outcome.message
 
 
 # -- presets through the CLI -------------------------------------------------------------------

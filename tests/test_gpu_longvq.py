@@ -61,3 +61,23 @@ def test_bf16_training_step_at_long_length(model, head):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_sdpa"])
+def test_cuda_graph_step_trains_like_eager_steps(monkeypatch, model):
+    """--cuda-graph: the first graphed call is 2 eager steps plus a captured one (replayed), so
+    its loss is eager step 3's; every later replay is one more step, same losses."""
+    from harness.measure import EfficiencyCell, build_step
+    from harness.registry import parse_model_spec
+
+    monkeypatch.setenv("LONGVQ_TRITON_AUTOTUNE", "0")
+    spec = parse_model_spec(model)
+    config = spec.entry.make_config(d_model=64, n_layers=2, n_heads=2, d_ffn=128,
+                                    **dict(spec.overrides))
+    losses = {}
+    for graph in (False, True):
+        cell = EfficiencyCell(spec.label, 512, 2, "cuda", "fp32", seed=3, cuda_graph=graph)
+        step = build_step(spec.entry, config, cell, torch.device("cuda")).step
+        runs = [step() for _ in range(2 if graph else 4)]
+        losses[graph] = torch.stack([x.float() for x in runs]).cpu()
+    torch.testing.assert_close(losses[True], losses[False][2:], rtol=1e-4, atol=1e-5)
