@@ -6,7 +6,9 @@ reported as median / p20 / p80 ms per step and tokens/s = batch·L / median.
 
 Peak memory is *allocated* memory, not reserved:
 - CUDA: ``synchronize(); reset_peak_memory_stats()`` before the timed steps,
-  ``max_memory_allocated()`` after them.
+  ``max_memory_allocated()`` after them. With ``cuda_graph`` the reset comes before the warm-up
+  instead: a graph allocates its memory (a private pool) when it is captured, and its replays
+  allocate nothing, so the peak spans the eager steps, the capture and the replays.
 - CPU (torch keeps no allocator statistics there): the bytes of every tensor alive before the
   step (parameters, optimizer state, batch) plus the growth of the process's resident set
   during one extra, untimed step (after returning free heap pages to the kernel). This counts
@@ -275,6 +277,10 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
         if not math.isfinite(loss.item()):
             raise Diverged(f"loss is {loss.item()} at {when}")
 
+    graph_memory = device.type == "cuda" and cell.cuda_graph
+    if graph_memory:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     for i in range(cell.warmup):
         start_s = time.perf_counter()
         loss = step()
@@ -289,7 +295,8 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
     losses: list[torch.Tensor] = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if not graph_memory:
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(cell.steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -320,7 +327,9 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
         "ms_p80": _quantile(times_ms, 0.8),
         "tokens_per_s": cell.batch * cell.seq_len / (ms_median / 1e3),
         "peak_mem_mib": peak_bytes / 2**20,
-        "peak_mem_method": "cuda max_memory_allocated" if device.type == "cuda"
+        "peak_mem_method": ("cuda max_memory_allocated, warm-up + capture + replays"
+                            if graph_memory else "cuda max_memory_allocated")
+        if device.type == "cuda"
         else "cpu resident tensors + resident-set growth during one step",
         "final_loss": float(losses[-1].item()) if losses else float("nan"),
         "optimizer_groups": built.groups,

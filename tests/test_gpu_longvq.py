@@ -81,3 +81,20 @@ def test_cuda_graph_step_trains_like_eager_steps(monkeypatch, model):
         runs = [step() for _ in range(2 if graph else 4)]
         losses[graph] = torch.stack([x.float() for x in runs]).cpu()
     torch.testing.assert_close(losses[True], losses[False][2:], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_cell_reports_the_memory_of_its_step():
+    """A graph allocates its memory when it is captured, not when it is replayed: the peak of a
+    --cuda-graph cell must still cover the step (at least the eager cell's peak)."""
+    from harness.measure import EfficiencyCell, measure
+
+    entry = REGISTRY.get("transformer_vanilla")
+    config = entry.make_config(d_model=64, n_layers=2, n_heads=2, d_ffn=128)
+    peaks = {}
+    for graph in (False, True):
+        cell = EfficiencyCell("transformer_vanilla", 2048, 4, "cuda", "bf16", warmup=3, steps=2,
+                              cuda_graph=graph)
+        outcome = measure(entry, config, cell)
+        assert outcome.status == "ok", outcome.message
+        peaks[graph] = outcome.metrics["peak_mem_mib"]
+    assert peaks[True] >= 0.9 * peaks[False], peaks
