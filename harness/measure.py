@@ -183,7 +183,10 @@ def measure(entry: Entry, model_config: Any, cell: EfficiencyCell,
 
 
 def compile_model(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` with its default settings (a function so tests can swap the backend)."""
+    """``torch.compile`` with its default settings (a function so tests can swap the backend).
+    Dynamo's caches are reset first: each cell compiles afresh, so a sweep over lengths neither
+    reuses another cell's (or a dynamic-shape) graph nor hits the recompile limit."""
+    torch._dynamo.reset()
     return torch.compile(model)
 
 

@@ -134,6 +134,9 @@ class VectorQuantizer(nn.Module):
         return cb[head, codes]
 
     # ----------------------------------------------------------------------------- forward
+    # Eager under torch.compile: the one-off data init reads a device flag and mutates buffers,
+    # which would cost a graph break and a recompile of the rest of the layer after step 1.
+    @torch.compiler.disable
     def forward(
         self,
         k: Tensor,

@@ -253,6 +253,36 @@ def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one
     assert sorted(rows["compile"]) == [False, True] and set(rows["status"]) == {"ok"}
 
 
+@pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_vq"])
+def test_compiled_vq_models_train_like_eager_and_compile_once(model, one_thread):
+    """--compile of the VQ models: the quantiser and the VQ attention op run eager (graph
+    breaks), so the first step's data init of the codebook must not recompile the layer on the
+    next step, and compiled steps give eager's losses (aot_eager: the same ops, traced)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from harness.measure import build_step
+    from harness.registry import parse_model_spec
+
+    spec = parse_model_spec(model)
+    config = spec.entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64,
+                                    **dict(spec.overrides))
+    counter = CompileCounterWithBackend("aot_eager")
+    losses, frames = {}, []
+    for compile_on in (False, True):
+        cell = EfficiencyCell(spec.label, 64, 2, "cpu", "fp32", seed=5, compile=compile_on)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(harness.measure, "compile_model",
+                          lambda m: (torch._dynamo.reset(), torch.compile(m, backend=counter))[1])
+            step = build_step(spec.entry, config, cell, torch.device("cpu")).step
+            runs = []
+            for _ in range(3):
+                runs.append(step())
+                frames.append(counter.frame_count)
+        losses[compile_on] = torch.stack(runs)
+    assert frames[3] > 0 and frames[4] == frames[5] == frames[3], frames  # compiled on step 1 only
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
 def test_cuda_graph_needs_cuda(tmp_path, capsys):
     code = main(["efficiency", "--models", "transformer_sdpa", "--lengths", "32", "--device",
                  "cpu", "--cuda-graph", "--store", str(tmp_path / "b.db")])

@@ -83,6 +83,27 @@ def test_cuda_graph_step_trains_like_eager_steps(monkeypatch, model):
     torch.testing.assert_close(losses[True], losses[False][2:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_vq"])
+def test_compiled_graphed_step_trains_like_eager_steps(monkeypatch, model):
+    """--compile --cuda-graph (inductor around eager VQ steps, all in one graph): the same
+    losses as eager steps 3-4, to inductor's float32 reordering."""
+    from harness.measure import EfficiencyCell, build_step
+    from harness.registry import parse_model_spec
+
+    monkeypatch.setenv("LONGVQ_TRITON_AUTOTUNE", "0")
+    spec = parse_model_spec(model)
+    config = spec.entry.make_config(d_model=64, n_layers=2, n_heads=2, d_ffn=128,
+                                    **dict(spec.overrides))
+    losses = {}
+    for fast in (False, True):
+        cell = EfficiencyCell(spec.label, 512, 2, "cuda", "fp32", seed=3, compile=fast,
+                              cuda_graph=fast)
+        step = build_step(spec.entry, config, cell, torch.device("cuda")).step
+        runs = [step() for _ in range(2 if fast else 4)]
+        losses[fast] = torch.stack([x.float() for x in runs]).cpu()
+    torch.testing.assert_close(losses[True], losses[False][2:], rtol=1e-3, atol=1e-4)
+
+
 def test_cuda_graph_cell_reports_the_memory_of_its_step():
     """A graph allocates its memory when it is captured, not when it is replayed: the peak of a
     --cuda-graph cell must still cover the step (at least the eager cell's peak)."""

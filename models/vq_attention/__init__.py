@@ -38,6 +38,9 @@ def resolve_impl(impl: str, q: Tensor) -> str:
     return "triton" if q.is_cuda and supported and triton_available() else "linear"
 
 
+# Eager under torch.compile (a graph break): the Triton kernels bring their own autotuned
+# launches and custom backward, which dynamo would otherwise re-trace and re-autotune.
+@torch.compiler.disable
 def vq_attention(
     q: Tensor,
     k_hat: Tensor,
