@@ -174,6 +174,10 @@ def _ema_kernel_piece(coeff: Tensor, log_q: Tensor, weights: Tensor, start: int,
     return torch.einsum("dnl,dn->dl", coeff * torch.exp(positions * log_q), weights)
 
 
+# Eager under torch.compile (a graph break), as is S4DKernel.forward: inductor does not lower
+# complex arithmetic on CUDA (torch 2.11: "'complex' object has no attribute 'get_name'" at S4D's
+# ``1j * A_imag``), and cuFFT plus a few small ops gain nothing from fusion.
+@torch.compiler.disable
 def _fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
     """Linear convolution via FFT of length ``n``: u (B, H, L), k (H, Lk) -> (B, H, L)."""
     length = u.size(-1)
@@ -230,6 +234,7 @@ class S4DKernel(nn.Module):
         d_b = (torch.exp(dt_a) - 1.0) / a  # no extra dt factor: ZOH with B = 1
         return dt_a, d_b, torch.view_as_complex(self.C)
 
+    @torch.compiler.disable  # complex math: see _fft_conv
     def forward(self, length: int) -> Tensor:
         dt_a, d_b, c = self.discretize()
         return s4d_kernel(c * d_b, dt_a, length)  # blocked; no (H, N/2, L) Vandermonde

@@ -302,9 +302,22 @@ def test_unknown_preset_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "'paper-text8k'" in err and "paper-text4k" in err and len(err.splitlines()) == 1
-    code = main(["efficiency", "--preset", "scaling", "--lengths", "1024", "--device", "cpu",
+    code = main(["efficiency", "--preset", "scaling", "--batch", "2", "--device", "cpu",
                  "--store", str(tmp_path / "b.db")])
-    assert code == 2 and "--lengths" in capsys.readouterr().err
+    assert code == 2 and "--batch" in capsys.readouterr().err
+    code = main(["efficiency", "--preset", "scaling", "--lengths", "1024,3000", "--device",
+                 "cpu", "--store", str(tmp_path / "b.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "3000" in err and "65536" in err and len(err.splitlines()) == 1
+
+
+def test_preset_lengths_subset_runs_those_cells_with_the_preset_batch(tmp_path, one_thread):
+    store = tmp_path / "b.db"
+    assert main(["efficiency", "--preset", "scaling", "--quick", "--lengths", "256",
+                 "--models", "transformer_sdpa", "--device", "cpu", "--store", str(store)]) == 0
+    rows = Store(store).dataframe("efficiency")
+    assert list(rows["seq_len"]) == [256] and list(rows["batch"]) == [1024 // 256]
+    assert set(rows["preset"]) == {"scaling"} and set(rows["status"]) == {"ok"}
 
 
 def test_preset_definitions():

@@ -44,19 +44,28 @@ class Settings:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    """Flags + preset -> settings; explicit --warmup/--steps/--max-step-s/--skip-after-oom win,
-    --lengths/--batch cannot be combined with a preset (it fixes the shapes)."""
+    """Flags + preset -> settings; explicit --warmup/--steps/--max-step-s/--skip-after-oom win.
+    With a preset, --lengths picks a subset of its lengths (same batch rule, same store keys, so
+    a later full run resumes them); --batch cannot be combined with it (the preset fixes it)."""
     from harness.efficiency_presets import get_efficiency_preset
     from harness.runner import QUICK_BACKBONE
 
     preset = get_efficiency_preset(args.preset, quick=args.quick) if args.preset else None
     if preset is not None:
-        for flag, value in (("--lengths", args.lengths), ("--batch", args.batch)):
-            if value is not None:
-                raise UsageError(f"{flag} {value!r} cannot be combined with --preset "
-                                 f"{preset.name}: the preset fixes lengths and batch "
-                                 "(run without --preset for other shapes)")
-        settings = Settings(preset.shapes(), dict(preset.backbone), preset.warmup, preset.steps,
+        if args.batch is not None:
+            raise UsageError(f"--batch {args.batch!r} cannot be combined with --preset "
+                             f"{preset.name}: the preset fixes the batch "
+                             "(run without --preset for other shapes)")
+        shapes = preset.shapes()
+        if args.lengths is not None:
+            chosen = parse_int_list(args.lengths, "--lengths")
+            for length in chosen:
+                if length not in preset.lengths:
+                    raise UsageError(f"--lengths: {length} is not a length of --preset "
+                                     f"{preset.name} (its lengths: "
+                                     f"{', '.join(map(str, sorted(preset.lengths)))})")
+            shapes = [shape for shape in shapes if shape[0] in chosen]
+        settings = Settings(shapes, dict(preset.backbone), preset.warmup, preset.steps,
                             preset.max_step_s, preset.skip_after_failure, preset)
     else:
         lengths = parse_int_list(args.lengths or "1024,2048,4096", "--lengths")
@@ -338,7 +347,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_eff.add_argument(
         "--lengths",
         default=None,
-        help="comma-separated sequence lengths (1k = 1024), default 1024,2048,4096",
+        help="comma-separated sequence lengths (1k = 1024), default 1024,2048,4096; with "
+        "--preset: a subset of the preset's lengths",
     )
     p_eff.add_argument("--batch", default=None, help="comma-separated batch sizes (default 4)")
     p_eff.add_argument(
