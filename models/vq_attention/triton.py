@@ -359,31 +359,54 @@ def _cache_sums_kernel(
                                   DV, PREC, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=["n_entries", "out_entries", "first", "row_len"])
-def _scan_kernel(X, OUT, n_entries, out_entries, first, row_len, REVERSE: tl.constexpr,
-                 BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n_entries", "seg_entries", "row_len"])
+def _scan_totals_kernel(X, TOT, n_entries, seg_entries, row_len, BLOCK: tl.constexpr):
+    """TOT[b, g] = sum of X's entries [g seg, (g + 1) seg) (fp32): the segments' totals."""
+    b, g = tl.program_id(1).to(tl.int64), tl.program_id(2)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < row_len
+    x_row = X + b * n_entries * row_len + offs
+    acc = tl.zeros([BLOCK], tl.float32)
+    for e in range(g * seg_entries, tl.minimum((g + 1) * seg_entries, n_entries)):
+        acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
+    tl.store(TOT + (b * tl.num_programs(2) + g) * row_len + offs, acc, mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_entries", "out_entries", "first", "row_len", "seg_entries"])
+def _scan_kernel(X, OUT, START, n_entries, out_entries, first, row_len, seg_entries,
+                 REVERSE: tl.constexpr, HAS_START: tl.constexpr, BLOCK: tl.constexpr):
     """Exclusive scan over the entries of rows of ``row_len`` floats, summed in fp32, stored in
     OUT's dtype at OUT entries [first, first + n_entries + 1) of out_entries per batch row:
     forward, out[e] = sum_{e' < e} X[e']; REVERSE, out[e] = sum_{e' > e} X[e'] (e = 0..n).
-    One pass instead of torch's flip + cumsum + flip + cat (+ cast)."""
-    b = tl.program_id(1).to(tl.int64)
+    One pass instead of torch's flip + cumsum + flip + cat (+ cast). Program (·, b, g) writes
+    the entries [g seg, (g + 1) seg) (the last segment also entry n), starting from START[b, g]
+    (the sum of the entries before the segment; after it for REVERSE): each step waits on a
+    load, so a row needs several segments in flight when there are few rows."""
+    b, g = tl.program_id(1).to(tl.int64), tl.program_id(2)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < row_len
     x_row = X + b * n_entries * row_len + offs
     out_row = OUT + (b * out_entries + first) * row_len + offs
-    acc = tl.zeros([BLOCK], tl.float32)
-    if REVERSE:
-        tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
-        for i in range(0, n_entries):
-            e = n_entries - 1 - i  # out[e] = out[e + 1] + X[e + 1]
-            if e + 1 < n_entries:
-                acc += tl.load(x_row + (e + 1) * row_len, mask=ok, other=0.0)
-            tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+    lo = g * seg_entries
+    hi = tl.minimum(lo + seg_entries, n_entries)
+    if HAS_START:
+        acc = tl.load(START + (b * tl.num_programs(2) + g) * row_len + offs, mask=ok, other=0.0)
     else:
-        tl.store(out_row, acc.to(OUT.dtype.element_ty), mask=ok)
-        for e in range(0, n_entries):
+        acc = tl.zeros([BLOCK], tl.float32)
+    if hi == n_entries:  # the last segment: out[n] (0 for REVERSE, the total otherwise)
+        if REVERSE:
+            tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+    if REVERSE:
+        for i in range(0, hi - lo):
+            e = hi - 1 - i  # out[e] = sum of the entries after e; then add X[e]
+            tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
             acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
-            tl.store(out_row + (e + 1) * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+    else:
+        for e in range(lo, hi):
+            tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+            acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
+        if hi == n_entries:
+            tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -1085,15 +1108,46 @@ def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor
 
 
 SCAN_BLOCK = 1024  # floats of a cache row per program of ``_scan_kernel``
+SCAN_PROGRAMS_PER_SM = 4  # segments are added until the scan has this many programs per SM
 
 
-def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool) -> Tensor:
+def _scan_segments(n_entries: int, programs: int, device: torch.device) -> int:
+    """Segments per row for ``_scan_kernel``: 1 when the rows alone fill the GPU (a totals pass
+    would only add a read), else enough for SCAN_PROGRAMS_PER_SM programs per SM (at most one
+    per entry). LongVQ at 64K has a single row of 64 programs: its scans ran 8x slower than at
+    8K batch 8 for the same bytes."""
+    sms = _sms(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(n_entries, triton.cdiv(SCAN_PROGRAMS_PER_SM * sms, programs)))
+
+
+def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool,
+               segments: int | None = None) -> Tensor:
     """``_scan_kernel``: the exclusive scan of contiguous fp32 (B, n, ...) ``x`` over dim 1 into
-    out[:, first : first + n + 1] (``out``: contiguous (B, n_out, ...), any float dtype)."""
+    out[:, first : first + n + 1] (``out``: contiguous (B, n_out, ...), any float dtype).
+    ``segments`` (default ``_scan_segments``): pieces of each row scanned in parallel from the
+    totals of the pieces before them (``_scan_totals_kernel``, then a cumsum over pieces)."""
+    rows, n = x.shape[0], x.shape[1]
     row_len = math.prod(x.shape[2:])
     block = 16 if interpreting() else SCAN_BLOCK
-    _scan_kernel[(triton.cdiv(row_len, block), x.shape[0])](
-        x, out, x.shape[1], out.shape[1], first, row_len, REVERSE=reverse, BLOCK=block)
+    tiles = triton.cdiv(row_len, block)
+    n_seg = _scan_segments(n, tiles * rows, x.device) if segments is None else segments
+    seg_entries = triton.cdiv(n, max(1, min(n_seg, n)))
+    n_seg = max(1, triton.cdiv(n, seg_entries))  # no empty segment
+    start = x  # not read with one segment
+    if n_seg > 1:
+        totals = torch.empty(rows, n_seg, row_len, device=x.device, dtype=torch.float32)
+        _scan_totals_kernel[(tiles, rows, n_seg)](x, totals, n, seg_entries, row_len,
+                                                  BLOCK=block)
+        # exclusive over segments: the totals before segment g (after it for reverse)
+        if reverse:
+            start = totals.flip(1).cumsum(1).flip(1) - totals
+        else:
+            start = totals.cumsum(1) - totals
+    _scan_kernel[(tiles, rows, n_seg)](
+        x, out, start, n, out.shape[1], first, row_len, seg_entries, REVERSE=reverse,
+        HAS_START=n_seg > 1, BLOCK=block)
     return out
 
 
