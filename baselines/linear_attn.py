@@ -11,7 +11,8 @@ Three ways to compute it, all the same function:
 - :func:`linear_attn_naive` — materialises the (masked) L × L matrix φ(Q)φ(K)ᵀ; the test oracle.
 - :func:`linear_attn_chunked` — pure torch. Causal: sequence cut into chunks of ``chunk_size``;
   inside a chunk the masked quadratic form, across chunks the running state Σ φ(k)vᵀ (prefix sum
-  of per-chunk states), O(L·C·D + L·D²). Bidirectional: the global φ(K)ᵀV. The normaliser rides
+  of per-chunk states), O(L·C·D + L·D²). Bidirectional: the global φ(K)ᵀV, summed from the
+  same per-chunk states (batched chunk-sized GEMMs at any batch size). The normaliser rides
   along as an extra all-ones value column. Backend ``torch-chunked`` / ``torch-kv``.
 - causal on CUDA with ``fla`` importable (``use_fla=on``): ``fla.ops.linear_attn.
   chunk_linear_attn`` on φ(q), φ(k), v in fla's (B, T, H, D) layout with ``scale=1`` and
@@ -40,7 +41,7 @@ from harness.registry import register
 
 @dataclass
 class LinearAttnConfig(ModelConfig):
-    chunk_size: int = 64  # causal torch path: intra-chunk quadratic, inter-chunk state
+    chunk_size: int = 64  # torch path: causal intra-chunk quadratic + state; KᵀV summed per chunk
     eps: float = 1e-6  # added to the normaliser
     use_fla: bool = True  # fla chunk kernel for the causal path on CUDA when importable
 
@@ -73,23 +74,27 @@ def linear_attn_chunked(
     """Same function as :func:`linear_attn_naive` in O(L): chunked prefix sums / φ(K)ᵀV."""
     ones = torch.ones_like(v[..., :1])
     v1 = torch.cat([v, ones], dim=-1)  # last column accumulates the normaliser Σ φ(k)
+    batch, heads, length, dim = q.shape
+    size = max(1, min(chunk_size, length))
+    pad = (-length) % size
+    if pad:  # zero keys/values after the end: invisible to every real (earlier) position
+        q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
+    n_chunks = (length + pad) // size
+    qc = q.reshape(batch, heads, n_chunks, size, dim)
+    kc = k.reshape(batch, heads, n_chunks, size, dim)
+    vc = v1.reshape(batch, heads, n_chunks, size, -1)
+    chunk_states = kc.transpose(-1, -2) @ vc  # (B, H, N, D, Dv+1): Σ over the chunk
     if not causal:
-        out = q @ (k.transpose(-1, -2) @ v1)
+        # φ(K)ᵀV as a sum of chunk states, not one GEMM with inner dimension L: that one ran
+        # at batch 1 on a few thread blocks (step time 2x from 8K to 64K at a constant token
+        # count on an H200); the state broadcast over chunks keeps dq's GEMMs chunk-sized too
+        out = qc @ chunk_states.sum(dim=2, keepdim=True)
     else:
-        batch, heads, length, dim = q.shape
-        size = max(1, min(chunk_size, length))
-        pad = (-length) % size
-        if pad:  # zero keys/values after the end: invisible to every real (earlier) position
-            q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
-        n_chunks = (length + pad) // size
-        qc = q.reshape(batch, heads, n_chunks, size, dim)
-        kc = k.reshape(batch, heads, n_chunks, size, dim)
-        vc = v1.reshape(batch, heads, n_chunks, size, -1)
-        chunk_states = kc.transpose(-1, -2) @ vc  # (B, H, N, D, Dv+1): Σ over the chunk
         entering = torch.cumsum(chunk_states, dim=2) - chunk_states  # Σ over earlier chunks
         mask = torch.ones(size, size, dtype=q.dtype, device=q.device).tril()
         intra = ((qc @ kc.transpose(-1, -2)) * mask) @ vc
-        out = (qc @ entering + intra).reshape(batch, heads, n_chunks * size, -1)[:, :, :length]
+        out = qc @ entering + intra
+    out = out.reshape(batch, heads, n_chunks * size, -1)[:, :, :length]
     return out[..., :-1] / (out[..., -1:] + eps)
 
 
