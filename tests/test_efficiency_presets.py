@@ -405,6 +405,14 @@ def test_profile_writes_top_kernels(tmp_path, capsys, one_thread):
     assert (out / "profile_transformer_sdpa_L256.md").read_text().count("|") > 20
     assert "self CPU time" in capsys.readouterr().out
     assert not (tmp_path / "b.db").exists() or Store(tmp_path / "b.db").dataframe().empty
+    assert main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
+                 "--profile", "transformer_sdpa", "--profile-top", "3", "--out", str(out),
+                 "--store", str(tmp_path / "b.db")]) == 0
+    assert len(pd.read_csv(out / "profile_transformer_sdpa_L256.csv")) == 3
+    capsys.readouterr()
+    assert main(["efficiency", "--profile", "transformer_sdpa", "--profile-top", "0",
+                 "--device", "cpu", "--store", str(tmp_path / "b.db")]) == 2
+    assert "--profile-top: 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.cuda_graph and device != "cuda":
         raise UsageError(f"--cuda-graph needs --device cuda (the device is {device})")
     shapes = settings.shapes
+    if args.profile_top < 1:
+        raise UsageError(f"--profile-top: {args.profile_top} must be >= 1")
     if args.profile:  # one model at one shape: the preset's profile length, else the first
         try:
             entries = [parse_model_spec(args.profile)]
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.profile:
-        return run_profile(planned[0], Path(args.out) if args.out else None, console)
+        return run_profile(planned[0], Path(args.out) if args.out else None, console,
+                           args.profile_top)
     store = Store(args.store)
     console.print(
         f"[bold]efficiency[/bold]: {len(planned)} cells on {device} ({dtype}"
@@ -247,7 +250,7 @@ def safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
 
 
-def run_profile(planned, out_dir: Path | None, console: Console) -> int:
+def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) -> int:
     """--profile MODEL: torch.profiler over the cell's timed steps; top-20 table (no store row)."""
     from harness.measure import is_oom, profile_cell
     from harness.report_efficiency import profile_table, write_profile_files
@@ -258,7 +261,7 @@ def run_profile(planned, out_dir: Path | None, console: Console) -> int:
     console.print(f"[bold]profile[/bold] {label} on {cell.device}: {cell.warmup} warm-up, "
                   f"{cell.steps} profiled training steps")
     try:
-        rows, what = profile_cell(planned.entry, planned.model_config, cell, top=20)
+        rows, what = profile_cell(planned.entry, planned.model_config, cell, top=top)
     except Exception as exc:  # noqa: BLE001 - reported as one line, like a cell's status
         status = "oom" if is_oom(exc) else "error"
         console.print(f"[red]profile {status}[/red]: {type(exc).__name__}: "
@@ -376,8 +379,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--profile", default=None, metavar="MODEL",
         help="instead of the sweep: torch.profiler over a few training steps of MODEL (a name or "
         "a variant, e.g. 'longvq[key_grad=window]'; at the "
-        "preset's profile length, else the first --lengths/--batch) and the top-20 kernels by "
+        "preset's profile length, else the first --lengths/--batch) and the top kernels by "
         "self device time (self CPU time on CPU); with --out: profile_MODEL_L<L>.{md,csv}",
+    )
+    p_eff.add_argument(
+        "--profile-top", type=int, default=20, metavar="N",
+        help="with --profile: how many kernels (ops on CPU) the table lists (default 20)",
     )
     p_eff.add_argument(
         "--skip-after-oom", dest="skip_after_oom", action=argparse.BooleanOptionalAction,
