@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+export LONGVQ_GIT_COMMIT=$(cat .gpu-runs/commit)
+export PYTHONPATH=$PWD
+export TRITON_CACHE_AUTOTUNING=1
+W=$OUT/w; mkdir -p $W
+t() { local s=$(date +%s); "$@"; echo "$(( $(date +%s)-s )) s: $*" >> $W/times.txt; }
+nvidia-smi > $W/nvidia-smi.txt
+t env LONGVQ_TRITON_AUTOTUNE=0 timeout 150 python -m pytest -q -rfs -p no:cacheprovider tests/test_gpu_longvq.py -k "compiled or cuda_graph_step" > $W/pytest_compile.log 2>&1
+M='transformer_vanilla,transformer_sdpa,longvq[key_grad=window],mamba,linear_attn,transformer_vq[key_grad=window],s4d,longvq'
+t timeout 230 python run_bench.py efficiency --device cuda --preset paper-text4k --compile --cuda-graph --models "$M" --store $W/eff.db --out $W/paper-text4k-cg > $W/paper-text4k-cg.log 2>&1
+t env LONGVQ_TRITON_AUTOTUNE=0 timeout 120 python run_bench.py efficiency --device cuda --preset scaling --compile --cuda-graph --models 'longvq[key_grad=window],transformer_sdpa' --store $W/eff.db --out $W/scaling-cg > $W/scaling-cg.log 2>&1
