@@ -6,9 +6,12 @@ reported as median / p20 / p80 ms per step and tokens/s = batch·L / median.
 
 Peak memory is *allocated* memory, not reserved:
 - CUDA: ``synchronize(); reset_peak_memory_stats()`` before the timed steps,
-  ``max_memory_allocated()`` after them. With ``cuda_graph`` the reset comes before the warm-up
-  instead: a graph allocates its memory (a private pool) when it is captured, and its replays
-  allocate nothing, so the peak spans the eager steps, the capture and the replays.
+  ``max_memory_allocated()`` after them. With ``cuda_graph`` the reset comes just before the
+  capture instead: a graph allocates its memory (a private pool) while it is captured, and its
+  replays allocate nothing, so the peak spans the capture and the replays -- the resident
+  tensors plus the step's live intermediates, as in eager, without the eager warm-up steps'
+  autotune and compile buffers (until 2026-12-04 the reset came before the warm-up; rows say
+  which in ``peak_mem_method``).
 - CPU (torch keeps no allocator statistics there): the bytes of every tensor alive before the
   step (parameters, optimizer state, batch) plus the growth of the process's resident set
   during one extra, untimed step (after returning free heap pages to the kernel). This counts
@@ -234,17 +237,24 @@ def build_step(entry: Entry, model_config: Any, cell: EfficiencyCell,
     if cell.cuda_graph:
         if device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-        step = graphed_step(step, device)
+        step = graphed_step(step, device, before_capture=lambda: _reset_peak_memory(device))
     return TrainStep(model, tokens, targets, optimizer, groups, step)
 
 
-def graphed_step(step: Callable[[], torch.Tensor],
-                 device: torch.device) -> Callable[[], torch.Tensor]:
+def _reset_peak_memory(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def graphed_step(step: Callable[[], torch.Tensor], device: torch.device,
+                 before_capture: Callable[[], None] | None = None
+                 ) -> Callable[[], torch.Tensor]:
     """``step`` replayed as one CUDA graph (PyTorch's whole-network capture recipe). The first
     call runs two eager steps on a side stream (autotuning, compilation, the allocator's
     pool), captures one step and replays it; every later call replays. The step's inputs
     (batch, parameters, optimizer state) live at fixed addresses, as the graph needs. Returns
-    a copy of the loss: the graph overwrites its output on every replay."""
+    a copy of the loss: the graph overwrites its output on every replay. ``before_capture``
+    runs after the eager steps, just before the capture (the peak-memory reset)."""
     graph: torch.cuda.CUDAGraph | None = None
     loss: torch.Tensor | None = None
 
@@ -257,6 +267,8 @@ def graphed_step(step: Callable[[], torch.Tensor],
                 for _ in range(2):
                     step()
             torch.cuda.current_stream(device).wait_stream(side)
+            if before_capture is not None:
+                before_capture()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 loss = step()
@@ -280,10 +292,7 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
         if not math.isfinite(loss.item()):
             raise Diverged(f"loss is {loss.item()} at {when}")
 
-    graph_memory = device.type == "cuda" and cell.cuda_graph
-    if graph_memory:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    graph_memory = device.type == "cuda" and cell.cuda_graph  # reset at the capture
     for i in range(cell.warmup):
         start_s = time.perf_counter()
         loss = step()
@@ -330,7 +339,7 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
         "ms_p80": _quantile(times_ms, 0.8),
         "tokens_per_s": cell.batch * cell.seq_len / (ms_median / 1e3),
         "peak_mem_mib": peak_bytes / 2**20,
-        "peak_mem_method": ("cuda max_memory_allocated, warm-up + capture + replays"
+        "peak_mem_method": ("cuda max_memory_allocated, capture + replays"
                             if graph_memory else "cuda max_memory_allocated")
         if device.type == "cuda"
         else "cpu resident tensors + resident-set growth during one step",

@@ -106,7 +106,8 @@ def test_compiled_graphed_step_trains_like_eager_steps(monkeypatch, model):
 
 def test_cuda_graph_cell_reports_the_memory_of_its_step():
     """A graph allocates its memory when it is captured, not when it is replayed: the peak of a
-    --cuda-graph cell must still cover the step (at least the eager cell's peak)."""
+    --cuda-graph cell must still cover the step (at least ~the eager cell's peak), and, counted
+    from the capture on, not the eager warm-up's buffers (at most ~25 % above eager)."""
     from harness.measure import EfficiencyCell, measure
 
     entry = REGISTRY.get("transformer_vanilla")
@@ -118,4 +119,5 @@ def test_cuda_graph_cell_reports_the_memory_of_its_step():
         outcome = measure(entry, config, cell)
         assert outcome.status == "ok", outcome.message
         peaks[graph] = outcome.metrics["peak_mem_mib"]
-    assert peaks[True] >= 0.9 * peaks[False], peaks
+    assert 0.9 * peaks[False] <= peaks[True] <= 1.25 * peaks[False], peaks
+    assert "capture" in outcome.metrics["peak_mem_method"]
