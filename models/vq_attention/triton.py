@@ -227,18 +227,27 @@ def _key_band_rows(j0, j_last, L, W, CH, CAUSAL: tl.constexpr, MODE: tl.constexp
 
 
 @triton.jit
+def _value_dots(acc, X, x_rows, x_ok, Y, y_rows, y_ok, DV: tl.constexpr,
+                BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """acc += X[x_rows] . Y[y_rows] summed over every value tile (rows of DV values; X's tile
+    cast to Y's dtype): (len(x_rows), len(y_rows))."""
+    for e0 in range(0, DV, BLOCK_DV):
+        offs_e = e0 + tl.arange(0, BLOCK_DV)
+        e_ok = offs_e < DV
+        x = tl.load(X + x_rows[:, None] * DV + offs_e[None, :],
+                    mask=x_ok[:, None] & e_ok[None, :], other=0.0)
+        y = tl.load(Y + y_rows[:, None] * DV + offs_e[None, :],
+                    mask=y_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += tl.dot(x.to(y.dtype), tl.trans(y), input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _dp_tile(dp, V, DO, bh, L, cols, col_ok, rows, row_ok, DV: tl.constexpr,
              BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
     """dp += v_j . dO_i over every value tile, for a (key tile, query tile): (BLOCK_N, BLOCK_M)."""
-    for e0 in range(0, DV, BLOCK_DV):
-        offs_c = e0 + tl.arange(0, BLOCK_DV)
-        c_ok = offs_c < DV
-        v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_c[None, :],
-                    mask=col_ok[:, None] & c_ok[None, :], other=0.0)
-        do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_c[None, :],
-                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        dp += tl.dot(v, tl.trans(do), input_precision=PREC)
-    return dp
+    return _value_dots(dp, V, bh * L + cols, col_ok, DO, bh * L + rows, row_ok, DV, BLOCK_DV,
+                       PREC)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -591,15 +600,8 @@ def _bwd_dq_kernel(
                         mask=s_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
             coeff = tl.dot(do_rows.to(u.dtype), tl.trans(u), input_precision=PREC)
         else:
-            coeff = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
-            for e0 in range(0, DV, BLOCK_DV):
-                offs_e = e0 + tl.arange(0, BLOCK_DV)
-                e_ok = offs_e < DV
-                u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
-                            mask=s_ok[:, None] & e_ok[None, :], other=0.0)
-                do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
-                             mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-                coeff += tl.dot(do.to(u.dtype), tl.trans(u), input_precision=PREC)
+            coeff = _value_dots(tl.zeros([BLOCK_M, BLOCK_S], tl.float32), DO, bh * L + rows,
+                                row_ok, U, entry * S + offs_s, s_ok, DV, BLOCK_DV, PREC)
         if IS_SOFTMAX:
             cnt = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0)
             keep = row_ok[:, None] & (cnt[None, :] > 0)
@@ -622,15 +624,8 @@ def _bwd_dq_kernel(
                             mask=col_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
                 dp = tl.dot(do_rows, tl.trans(v), input_precision=PREC)
             else:
-                dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for e0 in range(0, DV, BLOCK_DV):
-                    offs_e = e0 + tl.arange(0, BLOCK_DV)
-                    e_ok = offs_e < DV
-                    v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
-                                mask=col_ok[:, None] & e_ok[None, :], other=0.0)
-                    do = tl.load(DO + (bh * L + rows[:, None]) * DV + offs_e[None, :],
-                                 mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-                    dp += tl.dot(do, tl.trans(v), input_precision=PREC)
+                dp = _value_dots(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DO, bh * L + rows,
+                                 row_ok, V, bh * L + cols, col_ok, DV, BLOCK_DV, PREC)
             if IS_SOFTMAX:
                 p = tl.exp(tl.where(valid, logit - lse[:, None], float("-inf")))
                 ds = p * (dp - delta[:, None])
