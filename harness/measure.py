@@ -49,6 +49,7 @@ import torch
 
 from harness.backbone import task_loss
 from harness.cpu_alloc import release_free_heap
+from harness.kernel_categories import category_totals
 from harness.optim import build_optimizer
 from harness.registry import Entry
 
@@ -350,12 +351,24 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
     return CellOutcome("ok", "", metrics)
 
 
+@dataclass
+class KernelProfile:
+    """What :func:`profile_cell` found: the top rows, what they rank by, the per-category
+    totals of *every* kernel (``harness/kernel_categories.py``) and their sum per step."""
+
+    rows: list[dict[str, Any]]
+    what: str
+    categories: list[dict[str, Any]]
+    total_ms_per_step: float
+
+
 def profile_cell(entry: Entry, model_config: Any, cell: EfficiencyCell,
-                 top: int = 20) -> tuple[list[dict[str, Any]], str]:
+                 top: int = 20) -> KernelProfile:
     """torch.profiler over ``cell.steps`` training steps after ``cell.warmup`` untimed ones.
 
-    Returns the ``top`` rows sorted by self time and the sort key's description. On CUDA the
-    rows are GPU kernels by self device time; on CPU (no kernels) operators by self CPU time.
+    The ``top`` rows sorted by self time: on CUDA GPU kernels by self device time (user
+    annotations such as ``Optimizer.step#AdamW.step`` left out: their device time is the span
+    of the kernels inside them, counted again), on CPU (no kernels) operators by self CPU time.
     Times are totals over the profiled steps and per step, in ms. Errors (OOM included) raise.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -379,7 +392,8 @@ def profile_cell(entry: Entry, model_config: Any, cell: EfficiencyCell,
     on_device = device.type == "cuda"
     if on_device:
         kernels = [e for e in events if getattr(e, "device_type", None) is not None
-                   and e.device_type != torch.autograd.DeviceType.CPU]
+                   and e.device_type != torch.autograd.DeviceType.CPU
+                   and not getattr(e, "is_user_annotation", False)]
         events = kernels or [e for e in events if _self_device_us(e) > 0]
         self_us = _self_device_us
         what = "GPU kernels by self device time"
@@ -393,7 +407,8 @@ def profile_cell(entry: Entry, model_config: Any, cell: EfficiencyCell,
              "self_ms_total": self_us(e) / 1e3, "self_ms_per_step": self_us(e) / 1e3 / cell.steps,
              "self_pct": 100.0 * self_us(e) / total}
             for i, e in enumerate(ranked)]
-    return rows, what
+    categories = category_totals([(e.key, int(e.count), self_us(e)) for e in events], cell.steps)
+    return KernelProfile(rows, what, categories, sum(self_us(e) for e in events) / 1e3 / cell.steps)
 
 
 def _self_device_us(event: Any) -> float:

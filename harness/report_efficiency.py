@@ -378,13 +378,34 @@ def profile_table(rows: list[dict[str, Any]], caption: str) -> Table:
                            f"{r['self_pct']:.1f}"] for r in rows], caption=caption)
 
 
-def write_profile_files(rows: list[dict[str, Any]], table: Table, stem: Path) -> list[Path]:
-    """``stem``.csv (full kernel names, numbers) and ``stem``.md (the table)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    with open(csv_path, "w", newline="") as handle:
+def profile_category_table(categories: list[dict[str, Any]], total_ms_per_step: float,
+                           caption: str) -> Table:
+    """Every kernel of the profile summed by category (``harness/kernel_categories.py``)."""
+    header = ["category", "calls", "self ms / step", "self %"]
+    body = [[r["category"], str(r["calls"]), f"{r['self_ms_per_step']:.3f}",
+             f"{r['self_pct']:.1f}"] for r in categories]
+    body.append(["total", str(sum(r["calls"] for r in categories)), f"{total_ms_per_step:.3f}",
+                 "100.0"])
+    return Table(header, body, caption=caption)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["rank"])
         writer.writeheader()
         writer.writerows(rows)
-    md_path.write_text(render_markdown([table]))
-    return [csv_path, md_path]
+
+
+def write_profile_files(rows: list[dict[str, Any]], tables: list[Table], stem: Path,
+                        categories: list[dict[str, Any]] | None = None) -> list[Path]:
+    """``stem``.csv (full kernel names, numbers), ``stem``.md (the tables) and, given the
+    category totals, ``stem``_categories.csv."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    _write_csv(csv_path, rows)
+    md_path.write_text(render_markdown(tables))
+    paths = [csv_path, md_path]
+    if categories is not None:
+        paths.append(stem.with_name(stem.name + "_categories.csv"))
+        _write_csv(paths[-1], categories)
+    return paths

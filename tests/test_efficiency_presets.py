@@ -403,6 +403,10 @@ def test_profile_writes_top_kernels(tmp_path, capsys, one_thread):
     assert 1 <= len(table) <= 20 and list(table["rank"]) == list(range(1, len(table) + 1))
     assert table["self_ms_total"].is_monotonic_decreasing
     assert (out / "profile_transformer_sdpa_L256.md").read_text().count("|") > 20
+    categories = pd.read_csv(out / "profile_transformer_sdpa_L256_categories.csv")
+    assert categories["self_pct"].sum() == pytest.approx(100.0)
+    assert "GEMM" in set(categories["category"])  # the projections' aten::addmm / mm
+    assert "| total |" in (out / "profile_transformer_sdpa_L256.md").read_text()
     assert "self CPU time" in capsys.readouterr().out
     assert not (tmp_path / "b.db").exists() or Store(tmp_path / "b.db").dataframe().empty
     assert main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",

@@ -251,9 +251,14 @@ def safe_name(label: str) -> str:
 
 
 def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) -> int:
-    """--profile MODEL: torch.profiler over the cell's timed steps; top-20 table (no store row)."""
+    """--profile MODEL: torch.profiler over the cell's timed steps; the top-``top`` table and
+    every kernel summed by category (no store row)."""
     from harness.measure import is_oom, profile_cell
-    from harness.report_efficiency import profile_table, write_profile_files
+    from harness.report_efficiency import (
+        profile_category_table,
+        profile_table,
+        write_profile_files,
+    )
 
     cell = planned.cell
     label = f"{escape(cell.model)} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
@@ -261,17 +266,21 @@ def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) 
     console.print(f"[bold]profile[/bold] {label} on {cell.device}: {cell.warmup} warm-up, "
                   f"{cell.steps} profiled training steps")
     try:
-        rows, what = profile_cell(planned.entry, planned.model_config, cell, top=top)
+        found = profile_cell(planned.entry, planned.model_config, cell, top=top)
     except Exception as exc:  # noqa: BLE001 - reported as one line, like a cell's status
         status = "oom" if is_oom(exc) else "error"
         console.print(f"[red]profile {status}[/red]: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
         return 1
-    block = profile_table(rows, f"top {len(rows)} {what}, {label}, {cell.steps} steps")
-    console.print(rich_table(block))
+    tables = [profile_table(found.rows, f"top {len(found.rows)} {found.what}, {label}, "
+                                        f"{cell.steps} steps"),
+              profile_category_table(found.categories, found.total_ms_per_step,
+                                     f"all {found.what.split(' by ')[0]} by category, per step")]
+    for block in tables:
+        console.print(rich_table(block))
     if out_dir is not None:
         stem = f"profile_{safe_name(cell.model)}_L{cell.seq_len}"
-        paths = write_profile_files(rows, block, out_dir / stem)
+        paths = write_profile_files(found.rows, tables, out_dir / stem, found.categories)
         console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
