@@ -391,7 +391,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="instead of the sweep: torch.profiler over a few training steps of MODEL (a name or "
         "a variant, e.g. 'longvq[key_grad=window]'; at the "
         "preset's profile length, else the first --lengths/--batch) and the top kernels by "
-        "self device time (self CPU time on CPU); with --out: profile_MODEL_L<L>.{md,csv}",
+        "self device time (self CPU time on CPU), then every kernel summed by category; with "
+        "--out: profile_MODEL_L<L>.{md,csv} and profile_MODEL_L<L>_categories.csv",
     )
     p_eff.add_argument(
         "--profile-top", type=int, default=20, metavar="N",
