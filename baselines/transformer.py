@@ -100,7 +100,10 @@ class SelfAttention(nn.Module):
                 if "No available kernel" not in str(exc):
                     raise
                 continue
-            self._sdpa_choice[signature] = index
+            if not torch.compiler.is_compiling():
+                # a traced graph keeps the choice it traced; remembering it here too would
+                # change the dict that graph is guarded on and recompile it on the next step
+                self._sdpa_choice[signature] = index
             self.backend = name
             return out
         raise RuntimeError("no SDPA kernel accepted these inputs")  # MATH always should

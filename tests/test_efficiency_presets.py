@@ -253,19 +253,20 @@ def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one
     assert sorted(rows["compile"]) == [False, True] and set(rows["status"]) == {"ok"}
 
 
-@pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_vq"])
-def test_compiled_vq_models_train_like_eager_and_compile_once(model, one_thread):
-    """--compile of the VQ models: the quantiser and the VQ attention op run eager (graph
-    breaks), so the first step's data init of the codebook must not recompile the layer on the
-    next step, and compiled steps give eager's losses (aot_eager: the same ops, traced)."""
+@pytest.mark.parametrize("model", [*REGISTRY.names(), "longvq[key_grad=window]"])
+def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
+    """--compile of every entry: compiled steps give eager's losses (aot_eager: the same ops,
+    traced) and nothing recompiles after step 1 -- e.g. the VQ models' quantiser runs eager (a
+    graph break), so the first step's data init of the codebook cannot recompile the layer."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from harness.measure import build_step
     from harness.registry import parse_model_spec
 
     spec = parse_model_spec(model)
+    head = {} if spec.entry.bidirectional else {"head": "lm"}
     config = spec.entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64,
-                                    **dict(spec.overrides))
+                                    **head, **dict(spec.overrides))
     counter = CompileCounterWithBackend("aot_eager")
     losses, frames = {}, []
     for compile_on in (False, True):
