@@ -135,7 +135,9 @@ class VectorQuantizer(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     # Eager under torch.compile: the one-off data init reads a device flag and mutates buffers,
-    # which would cost a graph break and a recompile of the rest of the layer after step 1.
+    # which would cost a graph break and a recompile of the rest of the layer after step 1; and
+    # inductor's partitioner may save the codebook buffer itself for the backward (recomputing
+    # the lookup), which the in-place EMA update then invalidates (a version-counter error).
     @torch.compiler.disable
     def forward(
         self,

@@ -4,6 +4,7 @@ versions of both presets end to end, --compile / --profile, the report's preset 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -282,6 +283,26 @@ def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
         losses[compile_on] = torch.stack(runs)
     assert frames[3] > 0 and frames[4] == frames[5] == frames[3], frames  # compiled on step 1 only
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on CPU needs a C++ compiler")
+def test_longvq_compiles_with_inductor(one_thread):
+    """The real backend (inductor, on CPU here): its partitioner may save graph inputs (the
+    codebook buffer) for the backward instead of activations, so the quantiser's in-place
+    EMA update must stay outside the traced graph -- aot_eager above cannot see that."""
+    from harness.measure import build_step
+    from harness.registry import parse_model_spec
+
+    spec = parse_model_spec("longvq[key_grad=window]")
+    config = spec.entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64,
+                                    **dict(spec.overrides))
+    losses = {}
+    for compile_on in (False, True):
+        cell = EfficiencyCell(spec.label, 64, 2, "cpu", "fp32", seed=5, compile=compile_on)
+        step = build_step(spec.entry, config, cell, torch.device("cpu")).step
+        losses[compile_on] = torch.stack([step() for _ in range(3)])
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
 
 
 def test_cuda_graph_needs_cuda(tmp_path, capsys):
