@@ -307,9 +307,10 @@ def _measure(entry: Entry, model_config: Any, cell: EfficiencyCell, device: torc
     times_ms: list[float] = []
     losses: list[torch.Tensor] = []
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        if not graph_memory:
-            torch.cuda.reset_peak_memory_stats(device)
+        if graph_memory:
+            torch.cuda.synchronize(device)
+        else:
+            _reset_peak_memory(device)
         for _ in range(cell.steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -357,7 +358,8 @@ class KernelProfile:
     totals of *every* kernel (``harness/kernel_categories.py``) and their sum per step."""
 
     rows: list[dict[str, Any]]
-    what: str
+    what: str  # e.g. "GPU kernels by self device time"
+    events: str  # what was profiled: "GPU kernels" or "operators"
     categories: list[dict[str, Any]]
     total_ms_per_step: float
 
@@ -401,14 +403,16 @@ def profile_cell(entry: Entry, model_config: Any, cell: EfficiencyCell,
         def self_us(e: Any) -> float:
             return float(e.self_cpu_time_total)
         what = "operators by self CPU time (no device kernels on CPU)"
-    total = sum(self_us(e) for e in events) or 1.0
+    total_us = sum(self_us(e) for e in events)
+    total = total_us or 1.0
     ranked = sorted(events, key=self_us, reverse=True)[:top]
     rows = [{"rank": i + 1, "name": e.key, "calls": int(e.count),
              "self_ms_total": self_us(e) / 1e3, "self_ms_per_step": self_us(e) / 1e3 / cell.steps,
              "self_pct": 100.0 * self_us(e) / total}
             for i, e in enumerate(ranked)]
     categories = category_totals([(e.key, int(e.count), self_us(e)) for e in events], cell.steps)
-    return KernelProfile(rows, what, categories, sum(self_us(e) for e in events) / 1e3 / cell.steps)
+    return KernelProfile(rows, what, "GPU kernels" if on_device else "operators", categories,
+                         total_us / 1e3 / cell.steps)
 
 
 def _self_device_us(event: Any) -> float:

@@ -275,7 +275,7 @@ def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) 
     tables = [profile_table(found.rows, f"top {len(found.rows)} {found.what}, {label}, "
                                         f"{cell.steps} steps"),
               profile_category_table(found.categories, found.total_ms_per_step,
-                                     f"all {found.what.split(' by ')[0]} by category, per step")]
+                                     f"all {found.events} by category, per step")]
     for block in tables:
         console.print(rich_table(block))
     if out_dir is not None:

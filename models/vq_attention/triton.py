@@ -1053,14 +1053,28 @@ def _sms(device: torch.device) -> int:
     return 2 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _fill_segments(programs: int, n_units: int, per_sm: int, device: torch.device) -> int:
+    """How many segments to split each of ``programs`` sequential walks over ``n_units`` into:
+    1 when the programs already fill the GPU (a totals pass would only add work), else enough
+    for ``per_sm`` programs per SM; at most n_units."""
+    sms = _sms(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(n_units, triton.cdiv(per_sm * sms, programs)))
+
+
+def _even_split(n_units: int, pieces: int) -> tuple[int, int]:
+    """(pieces, units per piece) for ``n_units`` >= 1 cut into at most ``pieces`` equal pieces
+    (the last may be shorter), none empty."""
+    per_piece = triton.cdiv(n_units, max(1, min(pieces, n_units)))
+    return triton.cdiv(n_units, per_piece), per_piece
+
+
 def _sums_segments(spec: _Spec, n_units: int, device: torch.device) -> int:
     """How many segments to split ``n_units`` (cache entries, or key tiles for "all") into so
     that the sums kernels fill the GPU: at least 1, at most n_units."""
-    programs, sms = triton.cdiv(spec.size, 64) * spec.batch_heads * spec.value_tiles, _sms(device)
-    if programs >= sms:  # a full wave already: a totals pass would only add work
-        return 1
-    want = triton.cdiv(SUMS_PROGRAMS_PER_SM * sms, programs)
-    return max(1, min(want, n_units))
+    programs = triton.cdiv(spec.size, 64) * spec.batch_heads * spec.value_tiles
+    return _fill_segments(programs, n_units, SUMS_PROGRAMS_PER_SM, device)
 
 
 def _segment_sums(spec: _Spec, v: Tensor, codes: Tensor, n_seg: int, seg_keys: int,
@@ -1085,9 +1099,8 @@ def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor
     into ``segments`` (default ``_sums_segments``) whose starting sums come from
     ``_segment_sums``."""
     bh, n, chunk, window = spec.batch_heads, spec.n_chunks, spec.chunk, spec.window
-    n_seg = _sums_segments(spec, n, v.device) if segments is None else min(segments, n)
-    seg_entries = triton.cdiv(n, n_seg)
-    n_seg = triton.cdiv(n, seg_entries)  # no empty segment
+    n_seg, seg_entries = _even_split(
+        n, _sums_segments(spec, n, v.device) if segments is None else segments)
     if n_seg > 1:  # segment g's keys join during its entries (the last segment's: unused)
         t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_entries * chunk,
                                  window if reverse else -window)
@@ -1106,30 +1119,20 @@ SCAN_BLOCK = 1024  # floats of a cache row per program of ``_scan_kernel``
 SCAN_PROGRAMS_PER_SM = 4  # segments are added until the scan has this many programs per SM
 
 
-def _scan_segments(n_entries: int, programs: int, device: torch.device) -> int:
-    """Segments per row for ``_scan_kernel``: 1 when the rows alone fill the GPU (a totals pass
-    would only add a read), else enough for SCAN_PROGRAMS_PER_SM programs per SM (at most one
-    per entry). LongVQ at 64K has a single row of 64 programs: its scans ran 8x slower than at
-    8K batch 8 for the same bytes."""
-    sms = _sms(device)
-    if programs >= sms:
-        return 1
-    return max(1, min(n_entries, triton.cdiv(SCAN_PROGRAMS_PER_SM * sms, programs)))
-
-
 def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool,
                segments: int | None = None) -> Tensor:
     """``_scan_kernel``: the exclusive scan of contiguous fp32 (B, n, ...) ``x`` over dim 1 into
     out[:, first : first + n + 1] (``out``: contiguous (B, n_out, ...), any float dtype).
-    ``segments`` (default ``_scan_segments``): pieces of each row scanned in parallel from the
-    totals of the pieces before them (``_scan_totals_kernel``, then a cumsum over pieces)."""
+    ``segments`` (default: enough for SCAN_PROGRAMS_PER_SM programs per SM when the rows alone
+    do not fill the GPU -- LongVQ at 64K has a single row of 64 programs, whose scans ran 8x
+    slower than at 8K batch 8 for the same bytes): pieces of each row scanned in parallel from
+    the totals of the pieces before them (``_scan_totals_kernel``, then a cumsum over pieces)."""
     rows, n = x.shape[0], x.shape[1]
     row_len = math.prod(x.shape[2:])
     block = 16 if interpreting() else SCAN_BLOCK
     tiles = triton.cdiv(row_len, block)
-    n_seg = _scan_segments(n, tiles * rows, x.device) if segments is None else segments
-    seg_entries = triton.cdiv(n, max(1, min(n_seg, n)))
-    n_seg = max(1, triton.cdiv(n, seg_entries))  # no empty segment
+    n_seg, seg_entries = _even_split(n, _fill_segments(
+        tiles * rows, n, SCAN_PROGRAMS_PER_SM, x.device) if segments is None else segments)
     start = x  # not read with one segment
     if n_seg > 1:
         totals = torch.empty(rows, n_seg, row_len, device=x.device, dtype=torch.float32)
@@ -1155,10 +1158,9 @@ def _code_cache(spec: _Spec, v: Tensor, codes: Tensor, u_dtype: torch.dtype = to
     fill the GPU)."""
     if spec.mode == "all":  # segment totals of the keys, summed
         tiles = triton.cdiv(spec.length, 64)
-        n_seg = _sums_segments(spec, tiles, v.device) if segments is None else segments
-        seg_keys = triton.cdiv(spec.length, n_seg)
-        t, t_cnt = _segment_sums(spec, v, codes, triton.cdiv(spec.length, seg_keys), seg_keys,
-                                 0)
+        n_seg, seg_keys = _even_split(
+            spec.length, _sums_segments(spec, tiles, v.device) if segments is None else segments)
+        t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_keys, 0)
         return t.sum(1, keepdim=True).to(u_dtype), t_cnt.sum(1, keepdim=True)
     far = spec.mode == "far"
     shape = (spec.batch_heads, spec.n_cache, spec.size)
