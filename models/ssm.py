@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.fft_conv import fft_conv
+
 __all__ = [
     "S4DKernel",
     "S4D",
@@ -180,9 +182,7 @@ def _ema_kernel_piece(coeff: Tensor, log_q: Tensor, weights: Tensor, start: int,
 @torch.compiler.disable
 def _fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
     """Linear convolution via FFT of length ``n``: u (B, H, L), k (H, Lk) -> (B, H, L)."""
-    length = u.size(-1)
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
-    return y[..., :length]
+    return fft_conv(u, k, n)  # hand-written backward; models.fft_conv has the autograd reference
 
 
 # ----------------------------------------------------------------------------------------- S4D
