@@ -47,6 +47,7 @@ __all__ = [
     "MultiHeadEMA",
     "build_memory",
     "register_with_hint",
+    "s4d_discretize",
     "s4d_kernel",
     "s4d_block_size",
     "s4d_vandermonde_ref",
@@ -127,15 +128,37 @@ def s4d_block_size(length: int) -> int:
     return max(64, 1 << (((length - 1).bit_length() + 1) // 2))
 
 
-def s4d_kernel(weights: Tensor, dt_a: Tensor, length: int, block: int | None = None) -> Tensor:
+def s4d_discretize(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor,
+                   c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ZOH in real arithmetic: (Re dtA, Im dtA) (H, N/2) and (Re w, Im w) (channels, H, N/2),
+    w = C dB. The same numbers as ``S4DKernel.discretize`` (complex), written so that inductor
+    can compile and fuse them (it does not lower complex tensors on CUDA): exp(x + iy) =
+    e^x (cos y + i sin y), and the division by A through its conjugate."""
+    dt = torch.exp(log_dt).unsqueeze(-1)
+    a_re = -torch.exp(log_a_real)
+    x, y = dt * a_re, dt * a_imag  # dtA
+    e = torch.exp(x)
+    num_re, num_im = e * torch.cos(y) - 1.0, e * torch.sin(y)  # exp(dtA) - 1
+    den = a_re * a_re + a_imag * a_imag
+    db_re = (num_re * a_re + num_im * a_imag) / den
+    db_im = (num_im * a_re - num_re * a_imag) / den
+    c_re, c_im = c[..., 0], c[..., 1]
+    return x, y, c_re * db_re - c_im * db_im, c_re * db_im + c_im * db_re
+
+
+def s4d_kernel(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, length: int,
+               block: int | None = None) -> Tensor:
     """K_l = 2 Re(sum_n w_cn exp(dtA_n l)) for l in [0, length): (channels, H, length).
 
-    weights (channels, H, N/2) = C dB, dt_a (H, N/2), both complex. Blocked, with l = m T + j:
-    K_{mT+j} = 2 Re(sum_n a_cmn b_nj), a_cmn = w_cn exp(dtA_n m T) (exp of the product, not a
-    power of exp(dtA T): no error that grows with m), b_nj = exp(dtA_n j), j < T. The complex
-    sum's real part is one real batched matmul over H, [2 a_re, -2 a_im] (c M, N) by
-    [b_re; b_im] (N, T): only small (M + T)-sized tensors besides the output, no loop over
-    positions, nothing to recompute in the backward.
+    Takes S4DKernel's parameters: log_dt (H,), log_a_real and a_imag (H, N/2), c (channels, H,
+    N/2, 2) = view_as_real(C). Blocked, with l = m T + j: K_{mT+j} = 2 Re(sum_n a_cmn b_nj),
+    a_cmn = w_cn exp(dtA_n m T) (exp of the product, not a power of exp(dtA T): no error that
+    grows with m), b_nj = exp(dtA_n j), j < T. The complex sum's real part is one real batched
+    matmul over H, [2 a_re, -2 a_im] (c M, N) by [b_re; b_im] (N, T): only small (M + T)-sized
+    tensors besides the output, no loop over positions, nothing to recompute in the backward.
+    All in real arithmetic (``s4d_discretize``), so under torch.compile the small ops fuse into
+    a few kernels instead of ~25 eager complex ones each way; ``s4d_vandermonde_ref`` is the
+    complex formula it is tested against.
 
     Real rather than complex matmul (``einsum("chmn,hnj->chmj")`` then ``.real``): it computes
     only the real part (half the flops, no complex output of twice the kernel's size; 1.6x
@@ -149,14 +172,20 @@ def s4d_kernel(weights: Tensor, dt_a: Tensor, length: int, block: int | None = N
     """
     t = block or s4d_block_size(length)
     m = -(-length // t)
-    channels, h, n_half = weights.shape
-    with _no_autocast(dt_a):  # the real bmm would otherwise run in bf16/fp16 under autocast
-        starts = torch.arange(m, device=dt_a.device) * t  # block offsets m T
-        heads = 2 * weights.unsqueeze(2) * torch.exp(dt_a.unsqueeze(1) * starts.unsqueeze(-1))
-        tails = torch.exp(dt_a.unsqueeze(-1) * torch.arange(t, device=dt_a.device))  # (H, N/2, T)
-        a = torch.cat([heads.real, -heads.imag], dim=-1)  # (c, H, M, N) real
+    channels, h, n_half, _ = c.shape
+    with _no_autocast(c):  # the real bmm would otherwise run in bf16/fp16 under autocast
+        x, y, w_re, w_im = s4d_discretize(log_dt, log_a_real, a_imag, c)
+        starts = (torch.arange(m, device=c.device) * t).to(c.dtype).unsqueeze(-1)  # m T
+        mag, ang = torch.exp(x.unsqueeze(1) * starts), y.unsqueeze(1) * starts  # (H, M, N/2)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        w_re, w_im = w_re.unsqueeze(2), w_im.unsqueeze(2)  # (c, H, 1, N/2)
+        head_re = 2 * mag * (w_re * cos - w_im * sin)  # 2 w exp(dtA m T): (c, H, M, N/2)
+        head_im = 2 * mag * (w_re * sin + w_im * cos)
+        steps = torch.arange(t, device=c.device).to(c.dtype)  # j
+        tail_mag, tail_ang = torch.exp(x.unsqueeze(-1) * steps), y.unsqueeze(-1) * steps
+        a = torch.cat([head_re, -head_im], dim=-1)  # (c, H, M, N) real
         a = a.transpose(0, 1).reshape(h, channels * m, 2 * n_half)
-        b = torch.cat([tails.real, tails.imag], dim=1)  # (H, N, T)
+        b = torch.cat([tail_mag * torch.cos(tail_ang), tail_mag * torch.sin(tail_ang)], dim=1)
         k = torch.bmm(a, b).view(h, channels, m * t).transpose(0, 1)  # (c, H, M T)
     return k[..., :length]
 
@@ -234,10 +263,9 @@ class S4DKernel(nn.Module):
         d_b = (torch.exp(dt_a) - 1.0) / a  # no extra dt factor: ZOH with B = 1
         return dt_a, d_b, torch.view_as_complex(self.C)
 
-    @torch.compiler.disable  # complex math: see _fft_conv
     def forward(self, length: int) -> Tensor:
-        dt_a, d_b, c = self.discretize()
-        return s4d_kernel(c * d_b, dt_a, length)  # blocked; no (H, N/2, L) Vandermonde
+        # blocked, in real arithmetic (compilable); no (H, N/2, L) Vandermonde
+        return s4d_kernel(self.log_dt, self.log_A_real, self.A_imag, self.C, length)
 
 
 class S4D(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import pytest
@@ -88,28 +90,43 @@ S4D_KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
 def test_s4d_blocked_kernel_matches_vandermonde(
     length: int, block: int | None, channels: int, dtype: torch.dtype, tol: float
 ) -> None:
-    """``s4d_kernel`` (l = m T + j, one real bmm) equals the direct (H, N/2, L) Vandermonde
-    formula, and so do the gradients w.r.t. every kernel parameter (random upstream)."""
+    """``s4d_kernel`` (l = m T + j, one real bmm, real arithmetic) equals the direct complex
+    (H, N/2, L) Vandermonde formula, and so do the gradients w.r.t. every kernel parameter
+    (random upstream).
+
+    The truth is the Vandermonde formula in float64. In float32 some gradients are inexact in
+    any formulation (exp(dtA) - 1 cancels for small dt: ~1e-2 relative at L = 1), so a float32
+    result may be off by tol or by twice the float32 Vandermonde's own error, whichever is more.
+    """
     torch.manual_seed(length + channels)
     kern = S4DKernel(4, d_state=16, channels=channels, init="inv" if channels == 2 else "lin")
-    kern = kern.to(dtype)
-    upstream = torch.randn(channels, 4, length, dtype=dtype)
+    upstream = torch.randn(channels, 4, length, dtype=torch.float64)
 
-    def run(fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(kern: S4DKernel, blocked: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         kern.zero_grad()
-        dt_a, d_b, c = kern.discretize()
-        k = fn(c * d_b, dt_a, length)
-        k.backward(upstream)
-        return k.detach(), {n: kern.get_parameter(n).grad.clone() for n in S4D_KERNEL_PARAMS}
+        if blocked:
+            k = s4d_kernel(kern.log_dt, kern.log_A_real, kern.A_imag, kern.C, length, block=block)
+        else:
+            dt_a, d_b, c = kern.discretize()
+            k = s4d_vandermonde_ref(c * d_b, dt_a, length)
+        k.backward(upstream.to(k.dtype))
+        grads = {n: kern.get_parameter(n).grad.double() for n in S4D_KERNEL_PARAMS}
+        return k.detach().double(), grads
 
-    k_ref, grads_ref = run(s4d_vandermonde_ref)
-    k_new, grads_new = run(lambda w, dt_a, n: s4d_kernel(w, dt_a, n, block=block))
-    assert k_new.shape == (channels, 4, length) and k_new.dtype == dtype
-    assert_close("kernel", k_ref, k_new, tol)
-    for name in S4D_KERNEL_PARAMS:
-        assert_close(name, grads_ref[name], grads_new[name], tol)
+    truth = run(copy.deepcopy(kern).double(), blocked=False)
+    kern = kern.to(dtype)
+    k_new, grads_new = run(kern, blocked=True)
+    formula = run(kern, blocked=False) if dtype != torch.float64 else truth
+    assert k_new.shape == (channels, 4, length)
+    for name, ref, new, same_dtype_ref in (
+        ("kernel", truth[0], k_new, formula[0]),
+        *((n, truth[1][n], grads_new[n], formula[1][n]) for n in S4D_KERNEL_PARAMS),
+    ):
+        scale = ref.abs().max().item()
+        formula_err = (same_dtype_ref - ref).abs().max().item() / scale
+        assert_close(name, ref, new, max(tol, 2 * formula_err))
     if block is None:  # the module's forward is the blocked kernel
-        assert_close("module", k_ref, kern(length).detach(), tol)
+        assert_close("module", k_new, kern(length).detach().double(), 1e-12)
 
 
 def test_s4d_block_size() -> None:
