@@ -14,7 +14,9 @@ S4D follows state-spaces/s4 ``models/s4/s4d.py`` (kernel, init, ``register``) an
 
 The kernel is not built from the (H, N/2, L) Vandermonde matrix but blockwise (``s4d_kernel``):
 with l = m T + j (T ~ sqrt(L)), K_{mT+j} = 2 Re(sum_n [C_n dB_n dA_n^{mT}] dA_n^j), one batched
-real matmul of (H, M, N) by (H, N, T) pieces; ``s4d_vandermonde_ref`` is the direct formula.
+real matmul of (H, M, N) by (H, N, T) pieces, all in real arithmetic so that torch.compile can
+fuse it; ``s4d_vandermonde_ref`` is the direct (complex) formula. The convolution's backward is
+written by hand (``models.fft_conv``).
 
 Bidirectional S4D mirrors ``FFTConv``: the kernel has 2 channels that share dt and A and differ in
 C; the second is flipped and padded, ``k = pad(k0, (0, L)) + pad(k1.flip(-1), (L, 0))``. As the
@@ -205,9 +207,10 @@ def _ema_kernel_piece(coeff: Tensor, log_q: Tensor, weights: Tensor, start: int,
     return torch.einsum("dnl,dn->dl", coeff * torch.exp(positions * log_q), weights)
 
 
-# Eager under torch.compile (a graph break), as is S4DKernel.forward: inductor does not lower
-# complex arithmetic on CUDA (torch 2.11: "'complex' object has no attribute 'get_name'" at S4D's
-# ``1j * A_imag``), and cuFFT plus a few small ops gain nothing from fusion.
+# Eager under torch.compile (a graph break): inductor does not lower complex arithmetic on CUDA
+# (torch 2.11: "'complex' object has no attribute 'get_name'", first met at S4D's complex
+# discretisation, now written in real arithmetic), and cuFFT plus a few complex products gain
+# nothing from fusion.
 @torch.compiler.disable
 def _fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
     """Linear convolution via FFT of length ``n``: u (B, H, L), k (H, Lk) -> (B, H, L)."""
