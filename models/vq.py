@@ -112,19 +112,21 @@ class VectorQuantizer(nn.Module):
         self.last_stats: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------ lookup
-    def distances(self, k: Tensor) -> Tensor:
+    def distances(self, k: Tensor, codebook: Tensor | None = None) -> Tensor:
         """Squared L2 distances (B, H, L, S) in float32: ||k||^2 - 2 k.c + ||c||^2."""
         with torch.autocast(device_type=k.device.type, enabled=False):
-            kf, cb = k.float(), self.codebook.float()
+            kf = k.float()
+            cb = (self.codebook if codebook is None else codebook).float()
             cross = torch.einsum("bhld,hsd->bhls", kf, cb)
             k2 = kf.pow(2).sum(-1, keepdim=True)
             c2 = cb.pow(2).sum(-1)[None, :, None, :]
             return k2 - 2.0 * cross + c2
 
-    def nearest(self, k: Tensor) -> Tensor:
+    def nearest(self, k: Tensor, codebook: Tensor | None = None) -> Tensor:
         """Codes (B, H, L) int64 of the nearest codeword, chunked over L."""
         chunk = self.distance_chunk or k.size(2)
-        parts = [self.distances(kc).argmin(-1) for kc in k.detach().split(chunk, dim=2)]
+        parts = [self.distances(kc, codebook).argmin(-1)
+                 for kc in k.detach().split(chunk, dim=2)]
         return torch.cat(parts, dim=2)
 
     def lookup(self, codes: Tensor, codebook: Tensor | None = None) -> Tensor:
@@ -134,11 +136,13 @@ class VectorQuantizer(nn.Module):
         return cb[head, codes]
 
     # ----------------------------------------------------------------------------- forward
-    # Eager under torch.compile: the one-off data init reads a device flag and mutates buffers,
-    # which would cost a graph break and a recompile of the rest of the layer after step 1; and
-    # inductor's partitioner may save the codebook buffer itself for the backward (recomputing
-    # the lookup), which the in-place EMA update then invalidates (a version-counter error).
-    @torch.compiler.disable
+    # Under torch.compile the quantising itself (distances, argmin, lookup, loss, counts, stats)
+    # is traced and fused; two small steps run eager, as graph breaks:
+    # - ``_snapshot``: the traced graph sees a copy of the codebook, never the buffer. Inductor's
+    #   partitioner may save a graph input for the backward (recomputing the lookup from it),
+    #   and the in-place EMA update would invalidate the buffer (a version-counter error);
+    # - ``_update``: the one-off data init reads a device flag and both it and the EMA step
+    #   mutate buffers; traced, the flag would recompile the rest of the layer after step 1.
     def forward(
         self,
         k: Tensor,
@@ -165,15 +169,11 @@ class VectorQuantizer(nn.Module):
             if mask is None
             else mask.to(device=k.device, dtype=torch.bool)
         )
-        # Keys for the EMA and sampling: float32, no graph, (H, B*L, dim) / weights (B*L,).
-        flat = k.detach().float().transpose(0, 1).reshape(heads, bsz * length, dim)
         weights = valid.reshape(-1).float()
-        # Data init happens after this batch is quantised: codes built from the batch's own keys
-        # would let a causal model's early positions see later ones on its first step.
-        init_now = update and self.init_from_batch and not self._is_initialised()
 
-        codebook = self.codebook.float()
-        codes = self.nearest(k)
+        # the snapshot is also what is returned: it must survive the update below
+        codebook = self._snapshot()
+        codes = self.nearest(k, codebook)
         c = self.lookup(codes, codebook)
         k_hat = k + (c.to(k.dtype) - k).detach()
 
@@ -182,23 +182,35 @@ class VectorQuantizer(nn.Module):
         commit_loss = self.commitment * (err * valid[:, None, :]).sum() / denom
 
         flat_codes = codes.transpose(0, 1).reshape(heads, -1)
-        counts = torch.zeros(heads, self.codebook_size, device=k.device)
-        counts.scatter_add_(1, flat_codes, weights.expand(heads, -1).contiguous())
-        if update:
-            codebook = codebook.clone()  # the returned snapshot must survive the update
-            if init_now:
-                self._init_from(flat, weights, generator)
-            else:
-                self._ema_update(flat, flat_codes, weights, counts, generator)
-
+        counts = torch.zeros(heads, self.codebook_size, device=k.device).scatter_add(
+            1, flat_codes, weights.expand(heads, -1))
         stats: dict[str, Tensor] = {}
         if self.compute_stats:
             utilisation, perplexity = code_stats(counts)
             stats = {"utilisation": utilisation, "perplexity": perplexity}
-            self.last_stats = dict(stats)
         else:
             utilisation = perplexity = torch.full((), math.nan, device=k.device)
+        if update:
+            # keys for the EMA and sampling: float32, no graph, (H, B*L, dim)
+            flat = k.detach().float().transpose(0, 1).reshape(heads, bsz * length, dim)
+            self._update(flat, flat_codes, weights, counts, generator)
+        if stats:
+            self.last_stats = dict(stats)
         return VQOutput(k_hat, codes, commit_loss, codebook, utilisation, perplexity, stats)
+
+    @torch.compiler.disable
+    def _snapshot(self) -> Tensor:
+        return self.codebook.float().clone()
+
+    @torch.compiler.disable
+    def _update(self, flat: Tensor, flat_codes: Tensor, weights: Tensor, counts: Tensor,
+                generator: torch.Generator | None) -> None:
+        # Data init happens after this batch is quantised: codes built from the batch's own keys
+        # would let a causal model's early positions see later ones on its first step.
+        if self.init_from_batch and not self._is_initialised():
+            self._init_from(flat, weights, generator)
+        else:
+            self._ema_update(flat, flat_codes, weights, counts, generator)
 
     def _is_initialised(self) -> bool:
         if not self._initialised_seen:
