@@ -257,8 +257,9 @@ def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one
 @pytest.mark.parametrize("model", [*REGISTRY.names(), "longvq[key_grad=window]"])
 def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
     """--compile of every entry: compiled steps give eager's losses (aot_eager: the same ops,
-    traced) and nothing recompiles after step 1 -- e.g. the VQ models' quantiser runs eager (a
-    graph break), so the first step's data init of the codebook cannot recompile the layer."""
+    traced) and nothing recompiles after step 1 -- e.g. the VQ models' codebook update runs
+    eager (a graph break), so the first step's data init of the codebook cannot recompile the
+    layer."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from harness.measure import build_step
@@ -289,8 +290,9 @@ def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
                     reason="inductor on CPU needs a C++ compiler")
 def test_longvq_compiles_with_inductor(one_thread):
     """The real backend (inductor, on CPU here): its partitioner may save graph inputs (the
-    codebook buffer) for the backward instead of activations, so the quantiser's in-place
-    EMA update must stay outside the traced graph -- aot_eager above cannot see that."""
+    codebook buffer) for the backward instead of activations, so the traced graph must see only
+    a copy of the codebook (the quantiser's eager snapshot), never the buffer its eager EMA
+    update mutates in place -- aot_eager above cannot see that."""
     from harness.measure import build_step
     from harness.registry import parse_model_spec
 
