@@ -40,14 +40,16 @@ def kernel_category(name: str) -> str:
 
 
 def category_totals(events: list[tuple[str, int, float]], steps: int) -> list[dict]:
-    """(name, calls, self µs) of every event -> one row per category: calls, ms per step and %
-    of the total, largest first."""
+    """(name, calls, self µs) of every event -> one row per category: calls (all steps), calls
+    per step (kernel launches: a step of many small kernels is bound by their count, not their
+    work), ms per step and % of the total, largest first."""
     totals: dict[str, list[float]] = {}
     for name, calls, self_us in events:
         entry = totals.setdefault(kernel_category(name), [0, 0.0])
         entry[0] += calls
         entry[1] += self_us
     grand = sum(us for _, us in totals.values()) or 1.0
-    rows = [{"category": category, "calls": int(calls), "self_ms_per_step": us / 1e3 / steps,
-             "self_pct": 100.0 * us / grand} for category, (calls, us) in totals.items()]
+    rows = [{"category": category, "calls": int(calls), "calls_per_step": calls / steps,
+             "self_ms_per_step": us / 1e3 / steps, "self_pct": 100.0 * us / grand}
+            for category, (calls, us) in totals.items()]
     return sorted(rows, key=lambda row: row["self_ms_per_step"], reverse=True)

@@ -381,11 +381,11 @@ def profile_table(rows: list[dict[str, Any]], caption: str) -> Table:
 def profile_category_table(categories: list[dict[str, Any]], total_ms_per_step: float,
                            caption: str) -> Table:
     """Every kernel of the profile summed by category (``harness/kernel_categories.py``)."""
-    header = ["category", "calls", "self ms / step", "self %"]
-    body = [[r["category"], str(r["calls"]), f"{r['self_ms_per_step']:.3f}",
+    header = ["category", "calls / step", "self ms / step", "self %"]
+    body = [[r["category"], f"{r['calls_per_step']:.0f}", f"{r['self_ms_per_step']:.3f}",
              f"{r['self_pct']:.1f}"] for r in categories]
-    body.append(["total", str(sum(r["calls"] for r in categories)), f"{total_ms_per_step:.3f}",
-                 "100.0"])
+    per_step = sum(r["calls_per_step"] for r in categories)
+    body.append(["total", f"{per_step:.0f}", f"{total_ms_per_step:.3f}", "100.0"])
     return Table(header, body, caption=caption)
 
 

@@ -46,5 +46,6 @@ def test_category_totals_sum_and_order():
     rows = category_totals(events, steps=2)
     assert [r["category"] for r in rows] == ["VQ attention", "GEMM", OTHER]
     assert rows[0]["calls"] == 6 and rows[0]["self_ms_per_step"] == pytest.approx(2.0)
+    assert rows[0]["calls_per_step"] == 3 and rows[1]["calls_per_step"] == 0.5
     assert sum(r["self_pct"] for r in rows) == pytest.approx(100.0)
     assert category_totals([], steps=1) == []
