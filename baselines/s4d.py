@@ -35,7 +35,7 @@ from torch import nn
 from harness.backbone import FeedForward, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
-from models.ssm import S4D, S4DOutput
+from models.ssm import S4D, S4D_CONVS, S4DOutput
 
 
 @dataclass
@@ -46,6 +46,7 @@ class S4DConfig(ModelConfig):
     dt_max: float = 1e-1
     ssm_lr: float = 1e-3  # lr hint of log_dt, log_A_real, A_imag (0 = frozen buffers)
     prenorm: bool = False  # example.py's default is post-norm
+    ssm_conv: str = "fft"  # fft | chunked (linear-time scan, models.s4d_chunked)
 
     def validate(self) -> None:
         if self.d_state <= 0 or self.d_state % 2:
@@ -58,6 +59,8 @@ class S4DConfig(ModelConfig):
             )
         if self.ssm_lr < 0.0:
             raise ValueError(f"ssm_lr must be >= 0, got {self.ssm_lr}")
+        if self.ssm_conv not in S4D_CONVS:
+            raise ValueError(f"ssm_conv={self.ssm_conv!r}; choose one of {', '.join(S4D_CONVS)}")
 
 
 def tied_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -71,10 +74,9 @@ def tied_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class S4DBlock(nn.Module):
     """Residual S4D layer (+ optional FFN) with example.py's post-norm (or pre-norm)."""
 
-    backend = "ssm-fft"
-
     def __init__(self, cfg: S4DConfig) -> None:
         super().__init__()
+        self.backend = f"ssm-{cfg.ssm_conv}"
         self.prenorm = cfg.prenorm
         self.dropout = cfg.dropout
         self.layer = S4D(
@@ -85,6 +87,7 @@ class S4DBlock(nn.Module):
             dt_min=cfg.dt_min,
             dt_max=cfg.dt_max,
             lr=cfg.ssm_lr,
+            conv=cfg.ssm_conv,
         )
         self.output = S4DOutput(cfg.d_model, dropout=cfg.dropout)
         self.norm = nn.LayerNorm(cfg.d_model)

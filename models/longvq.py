@@ -46,7 +46,7 @@ from torch import nn
 from harness.backbone import FeedForward, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
-from models.ssm import build_memory
+from models.ssm import S4D_CONVS, build_memory
 from models.vq import VectorQuantizer
 from models.vq_attention import resolve_impl, vq_attention, vq_attention_naive
 
@@ -66,6 +66,7 @@ class LongVQConfig(ModelConfig):
     window: int = 64  # W: local window (and block size of the causal cache)
     ssm: str = "s4d"  # s4d | ema
     d_state: int = 64  # S4D state size N (ssm=s4d)
+    ssm_conv: str = "fft"  # S4D's convolution: fft | chunked (linear-time scan, models.s4d_chunked)
     ema_ndim: int = 16  # EMA dimensions (ssm=ema)
     ssm_lr: float = 1e-3  # optimizer hint for SSM parameters (S4 convention)
     vq: bool = True  # off: full attention on un-quantised keys (quadratic ablation)
@@ -81,6 +82,7 @@ class LongVQConfig(ModelConfig):
     def validate(self) -> None:
         for name, value, allowed in (("attn_fn", self.attn_fn, ATTN_FNS),
                                      ("ssm", self.ssm, MEMORIES),
+                                     ("ssm_conv", self.ssm_conv, S4D_CONVS),
                                      ("attn_impl", self.attn_impl, ATTN_IMPLS),
                                      ("key_grad", self.key_grad, KEY_GRADS),
                                      ("codebook_init", self.codebook_init, ("batch", "random"))):
@@ -114,7 +116,8 @@ class LongVQLayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, z, v = cfg.d_model, cfg.z_dim, cfg.value_dim
-        memory_kw = ({"d_state": cfg.d_state, "lr": cfg.ssm_lr} if cfg.ssm == "s4d"
+        memory_kw = ({"d_state": cfg.d_state, "lr": cfg.ssm_lr, "conv": cfg.ssm_conv}
+                     if cfg.ssm == "s4d"
                      else {"ndim": cfg.ema_ndim, "lr": cfg.ssm_lr})
         self.memory = build_memory(cfg.ssm, d, bidirectional=not cfg.causal, **memory_kw)
         self.proj_z = nn.Linear(d, z)
@@ -138,7 +141,7 @@ class LongVQLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
-        memory_backend = "ssm-fft" if cfg.ssm == "s4d" else "ema-fft"
+        memory_backend = f"ssm-{cfg.ssm_conv}" if cfg.ssm == "s4d" else "ema-fft"
         impl = "linear" if cfg.attn_impl == "auto" else cfg.attn_impl  # until a forward resolves
         attention = f"vq-{impl}" if cfg.vq else "full-attn"
         self.memory_backend = memory_backend

@@ -41,11 +41,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.fft_conv import fft_conv
+from models.s4d_chunked import s4d_chunked_conv
 
 __all__ = [
     "S4DKernel",
     "S4D",
     "S4DOutput",
+    "S4D_CONVS",
     "MultiHeadEMA",
     "build_memory",
     "register_with_hint",
@@ -96,6 +98,11 @@ def _no_autocast(x: Tensor) -> torch.autocast:
 # (checkpoint): the memory is one chunk's, the result and the gradients the same. S4D does not
 # use this: its complex Vandermonde is factorised blockwise (``s4d_kernel``), never materialised.
 KERNEL_CHUNK = 2048
+
+# How S4D applies its kernel: "fft" builds K over all L positions and convolves with length-2L
+# FFTs; "chunked" (models.s4d_chunked) never builds K: T x T Toeplitz blocks plus a state carried
+# between chunks by one scan, linear in L.
+S4D_CONVS = ("fft", "chunked")
 
 
 def chunked_kernel(piece: Callable[..., Tensor], length: int, *inputs: Tensor) -> Tensor:
@@ -283,9 +290,13 @@ class S4D(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         lr: float | None = 1e-3,
+        conv: str = "fft",
     ) -> None:
         super().__init__()
+        if conv not in S4D_CONVS:
+            raise ValueError(f"unknown S4D conv {conv!r}; known: {', '.join(S4D_CONVS)}")
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
+        self.conv = conv
         self.D = nn.Parameter(torch.randn(d_model))
         # Bidirectional = 2 kernel channels sharing dt and A (FFTConv's ``channels *= 2``).
         self.kernel = S4DKernel(
@@ -306,12 +317,18 @@ class S4D(nn.Module):
         length = u.size(1)
         x = u.transpose(1, 2).to(_work_dtype(u))  # (B, H, L)
         with _no_autocast(x):
-            k = self.conv_kernel(length).to(x.dtype)
-            y = _fft_conv(x, k, 2 * length) + x * self.D.to(x.dtype).unsqueeze(-1)
+            if self.conv == "chunked":
+                kern = self.kernel
+                y = s4d_chunked_conv(x, *(p.to(x.dtype) for p in (
+                    kern.log_dt, kern.log_A_real, kern.A_imag, kern.C)))
+            else:
+                y = _fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length)
+            y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return y.transpose(1, 2).to(u.dtype)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, d_state={self.d_state}, bidirectional={self.bidirectional}"
+        return (f"d_model={self.d_model}, d_state={self.d_state}, "
+                f"bidirectional={self.bidirectional}, conv={self.conv}")
 
 
 class S4DOutput(nn.Module):

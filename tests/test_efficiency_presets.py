@@ -254,7 +254,8 @@ def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one
     assert sorted(rows["compile"]) == [False, True] and set(rows["status"]) == {"ok"}
 
 
-@pytest.mark.parametrize("model", [*REGISTRY.names(), "longvq[key_grad=window]"])
+@pytest.mark.parametrize("model", [*REGISTRY.names(), "longvq[key_grad=window]",
+                                   "longvq[ssm_conv=chunked]"])
 def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
     """--compile of every entry: compiled steps give eager's losses (aot_eager: the same ops,
     traced) and nothing recompiles after step 1 -- e.g. the VQ models' codebook update runs

@@ -1,0 +1,218 @@
+"""S4D's chunked (linear-time) convolution against the FFT convolution: outputs and the
+gradients of the input and of every kernel parameter, with a random upstream gradient.
+
+(a) CPU: the torch loop scan (``decayed_scan_ref``), float64, against ``fft_conv_ref`` with
+    ``S4D.conv_kernel`` (and that against the recurrence in tests/test_ssm.py).
+(b) CPU, Triton interpreter: the scan kernel (forward, reverse, gradients; several tiles and
+    mode blocks) and the whole convolution through it, float32 against float64. One subprocess
+    (``python -m tests.test_s4d_chunked``), as in tests/test_vq_attention_triton.py.
+(c) CUDA (skipped without it): LongVQ's shapes, one and many scan tiles.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.fft_conv import fft_conv_ref
+from models.s4d_chunked import decayed_scan_ref, s4d_chunked_conv
+from models.ssm import S4D
+from tests.conftest import requires_cuda
+
+# the CPU cases run the torch reference scan on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:S4D conv='chunked' off CUDA")
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
+
+# (bidirectional, length, chunk): L < T, L = T, partial last chunk, chunks that do not divide L
+CONV_CASES = [(b, length, chunk) for b in (False, True)
+              for length, chunk in ((1, None), (5, None), (64, None), (100, None), (300, 16),
+                                    (77, 8))]
+
+
+def _conv_case(bidirectional: bool, length: int, chunk: int | None, dtype: torch.dtype,
+               device: str = "cpu", bsz: int = 3, width: int = 6) -> dict[str, float]:
+    """Max relative errors of the chunked conv against the FFT conv in float64 (output, du and
+    the kernel-parameter gradients), the upstream gradient random."""
+    torch.manual_seed(length + bidirectional)
+    layer = S4D(width, d_state=16, bidirectional=bidirectional).to(device, dtype)
+    kern = layer.kernel
+    u = torch.randn(bsz, width, length, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(bsz, width, length, device=device, dtype=dtype)
+    leaves = [u, *(kern.get_parameter(n) for n in KERNEL_PARAMS)]
+    ref_layer = copy.deepcopy(layer).double()  # the reference all in float64
+    u64 = u.detach().double().requires_grad_()
+    ref = fft_conv_ref(u64, ref_layer.conv_kernel(length), 2 * length)
+    grads_ref = torch.autograd.grad(
+        ref, [u64, *(ref_layer.kernel.get_parameter(n) for n in KERNEL_PARAMS)], dy.double())
+    out = s4d_chunked_conv(u, *leaves[1:], chunk=chunk)
+    grads = torch.autograd.grad(out, leaves, dy)
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+    names = ["out", "u", *KERNEL_PARAMS]
+    return {n: rel(g, w) for n, g, w in zip(names, (out, *grads), (ref, *grads_ref),
+                                             strict=True)}
+
+
+@pytest.mark.parametrize(("bidirectional", "length", "chunk"), CONV_CASES)
+def test_chunked_conv_matches_fft(bidirectional: bool, length: int, chunk: int | None) -> None:
+    for name, error in _conv_case(bidirectional, length, chunk, torch.float64).items():
+        assert error <= 1e-10, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_reference_is_the_decayed_sum(reverse: bool) -> None:
+    """S_m = sum_{m' < m} a^(m-1-m') s_m' (reverse: m' > m, a^(m'-m-1)), a per row group."""
+    gen = torch.Generator().manual_seed(0)
+    rows, chunks, nh, group = 4, 6, 3, 2
+    s = torch.randn(rows, chunks, 2 * nh, generator=gen, dtype=torch.float64)
+    a = torch.randn(rows // group, nh, generator=gen, dtype=torch.complex128) * 0.7
+    got = decayed_scan_ref(s, a.real, a.imag, group, reverse=reverse)
+    sc = torch.complex(s[..., :nh], s[..., nh:])
+    for r in range(rows):
+        for m in range(chunks):
+            want = torch.zeros(nh, dtype=torch.complex128)
+            for m2 in range(chunks):
+                gap = m2 - m - 1 if reverse else m - m2 - 1
+                if gap >= 0:
+                    want += a[r // group] ** gap * sc[r, m2]
+            torch.testing.assert_close(torch.complex(got[r, m, :nh], got[r, m, nh:]), want)
+
+
+def test_s4d_module_chunked_equals_fft() -> None:
+    """The module switch: same outputs and gradients (D included) as conv="fft"."""
+    torch.manual_seed(0)
+    fft = S4D(5, d_state=8, bidirectional=True).double()
+    chunked = S4D(5, d_state=8, bidirectional=True, conv="chunked").double()
+    chunked.load_state_dict(fft.state_dict())
+    u = torch.randn(2, 90, 5, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 90, 5, dtype=torch.float64)
+    outs = []
+    for layer in (fft, chunked):
+        y = layer(u)
+        outs.append((y, *torch.autograd.grad(y, [u, *layer.parameters()], dy)))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="'fast'"):
+        S4D(5, conv="fast")
+
+
+# ------------------------------------------------------------------------ (b) CPU interpreter
+
+# (rows, chunks, modes, group): one tile, three tiles (the last partial), two mode blocks (the
+# last partial), two chunks
+SCAN_CASES = [(6, 5, 3, 2), (4, 150, 40, 4), (3, 64, 32, 1), (2, 2, 5, 1)]
+INTERPRETER_CONV_CASES = [(False, 100, None), (True, 300, 16), (True, 77, 8)]
+
+
+def _scan_case(case) -> dict[str, float]:
+    from models.s4d_chunked import _DecayedScan, _scan_launch
+
+    rows, chunks, nh, group = case
+    gen = torch.Generator().manual_seed(rows * chunks)
+    s = torch.randn(rows, chunks, 2 * nh, generator=gen, requires_grad=True)
+    mag = torch.rand(rows // group, nh, generator=gen) * 0.5 + 0.5
+    ang = torch.rand(rows // group, nh, generator=gen) * 6.0
+    a_re = (mag * torch.cos(ang)).requires_grad_()
+    a_im = (mag * torch.sin(ang)).requires_grad_()
+    d = torch.randn(rows, chunks, 2 * nh, generator=gen)
+    leaves = (s, a_re, a_im)
+    ref = decayed_scan_ref(*(x.double() for x in leaves), group)
+    grads_ref = torch.autograd.grad(ref, leaves, d.double())
+    out = _DecayedScan.apply(s, a_re, a_im, group)
+    grads = torch.autograd.grad(out, leaves, d)
+    back = _scan_launch(s.detach(), a_re.detach(), a_im.detach(), group, reverse=True)
+    back_ref = decayed_scan_ref(*(x.detach().double() for x in leaves), group, reverse=True)
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+    return {"out": rel(out, ref), "reverse": rel(back, back_ref),
+            **{n: rel(g, w) for n, g, w in zip(("s", "a_re", "a_im"), grads, grads_ref,
+                                               strict=True)}}
+
+
+def _interpreter_main() -> None:
+    """``TRITON_INTERPRET=1 python -m tests.test_s4d_chunked``: one JSON line of errors."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    import triton.runtime.interpreter as interpreter
+
+    # Triton 3.6's interpreter and numpy >= 2.4 (triton-lang/triton#9171): see
+    # tests/test_vq_attention_triton.py
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    jobs = {**{f"scan-{c}": (_scan_case, (c,)) for c in SCAN_CASES},
+            **{f"conv-{c}": (_conv_case, (*c, torch.float32)) for c in INTERPRETER_CONV_CASES}}
+    results = {}
+    for case_id, (runner, args) in jobs.items():
+        try:
+            results[case_id] = runner(*args)
+        except Exception:  # noqa: BLE001 - reported by the test of this case
+            results[case_id] = {"error": traceback.format_exc()}
+    print("INTERPRETER_RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "tests.test_s4d_chunked"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("INTERPRETER_RESULTS "):
+            return json.loads(line.removeprefix("INTERPRETER_RESULTS "))
+    pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _check(results: dict, case_id: str, tol: float) -> None:
+    errors = results[case_id]
+    if "error" in errors:
+        pytest.fail(errors["error"])
+    for name, error in errors.items():
+        assert error <= tol, f"{case_id} {name}: relative error {error:.2e} > {tol}"
+
+
+@requires_triton
+@pytest.mark.parametrize("case", SCAN_CASES, ids=str)
+def test_interpreter_scan_kernel(interpreter_results, case) -> None:
+    _check(interpreter_results, f"scan-{case}", 5e-6)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", INTERPRETER_CONV_CASES, ids=str)
+def test_interpreter_chunked_conv(interpreter_results, case) -> None:
+    _check(interpreter_results, f"conv-{case}", 2e-5)
+
+
+# ----------------------------------------------------------------------------------- (c) CUDA
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bsz", "length"), [(8, 4096), (1, 65536)])
+def test_chunked_conv_on_cuda(bsz: int, length: int) -> None:
+    """d_model-128-like width, bidirectional: 1 scan tile at 4K, 16 at 64K; float32."""
+    errors = _conv_case(True, length, None, torch.float32, device="cuda", bsz=bsz, width=16)
+    for name, error in errors.items():
+        assert error <= 1e-4, f"{name}: relative error {error:.2e}"
+
+
+if __name__ == "__main__":
+    _interpreter_main()
