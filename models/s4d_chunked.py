@@ -72,16 +72,17 @@ def decayed_scan_ref(s: Tensor, a_re: Tensor, a_im: Tensor, group: int,
     return torch.stack(out, dim=1)
 
 
-def _scan_launch(s: Tensor, a_re: Tensor, a_im: Tensor, group: int, reverse: bool) -> Tensor:
+def _scan_launch(s: Tensor, a_re: Tensor, a_im: Tensor, group: int, reverse: bool,
+                 states: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     from models.s4d_scan_triton import decayed_scan_triton  # triton is optional
 
-    return decayed_scan_triton(s, a_re, a_im, group, reverse)
+    return decayed_scan_triton(s, a_re, a_im, group, reverse, states)
 
 
 class _DecayedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:  # type: ignore[override]
-        out = _scan_launch(s, a_re, a_im, group, reverse=False)
+        out, _ = _scan_launch(s, a_re, a_im, group, reverse=False)
         ctx.save_for_backward(out, a_re, a_im)
         ctx.group = group
         return out
@@ -89,15 +90,12 @@ class _DecayedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: Tensor):  # type: ignore[override]
         out, a_re, a_im = ctx.saved_tensors
-        # S_{m+1} = a S_m + s_m: ds_m = sum_{m' > m} conj(a)^(m'-m-1) dS_m' (the reverse scan)
-        ds = _scan_launch(d_out, a_re, -a_im, ctx.group, reverse=True)
+        # S_{m+1} = a S_m + s_m: ds_m = sum_{m' > m} conj(a)^(m'-m-1) dS_m' (the reverse
+        # scan), and dL/da = sum_m ds_m (x) S_m: (Re, Im) = (g.S_re + g'.S_im, g'.S_re - g.S_im)
+        ds, da = _scan_launch(d_out, a_re, -a_im, ctx.group, reverse=True, states=out)
         nh = a_re.size(-1)
-        g_re, g_im = ds[..., :nh], ds[..., nh:]  # dL/dS_{m+1} flowing into a, as dS above
-        s_re, s_im = out[..., :nh], out[..., nh:]  # S_m, multiplied by a
-        groups = a_re.size(0)
-        da_re = (g_re * s_re + g_im * s_im).view(groups, -1, nh).sum(1)
-        da_im = (g_im * s_re - g_re * s_im).view(groups, -1, nh).sum(1)
-        return ds, da_re, da_im, None
+        da = da.view(a_re.size(0), ctx.group, 2 * nh).sum(1)
+        return ds, da[:, :nh], da[:, nh:], None
 
 
 # A graph break under torch.compile: the kernel and its backward are opaque; the products

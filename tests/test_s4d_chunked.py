@@ -133,7 +133,7 @@ def _scan_case(case) -> dict[str, float]:
     grads_ref = torch.autograd.grad(ref, leaves, d.double())
     out = _DecayedScan.apply(s, a_re, a_im, group)
     grads = torch.autograd.grad(out, leaves, d)
-    back = _scan_launch(s.detach(), a_re.detach(), a_im.detach(), group, reverse=True)
+    back, _ = _scan_launch(s.detach(), a_re.detach(), a_im.detach(), group, reverse=True)
     back_ref = decayed_scan_ref(*(x.detach().double() for x in leaves), group, reverse=True)
 
     def rel(got: torch.Tensor, want: torch.Tensor) -> float:
