@@ -12,13 +12,8 @@ gradients of the input and of every kernel parameter, with a random upstream gra
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +21,7 @@ import torch
 from models.fft_conv import fft_conv_ref
 from models.s4d_chunked import decayed_scan_ref, s4d_chunked_conv
 from models.ssm import S4D
+from tests import triton_interpreter
 from tests.conftest import requires_cuda
 
 # the CPU cases run the torch reference scan on purpose
@@ -146,59 +142,27 @@ def _scan_case(case) -> dict[str, float]:
 
 def _interpreter_main() -> None:
     """``TRITON_INTERPRET=1 python -m tests.test_s4d_chunked``: one JSON line of errors."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    import triton.runtime.interpreter as interpreter
-
-    # Triton 3.6's interpreter and numpy >= 2.4 (triton-lang/triton#9171): see
-    # tests/test_vq_attention_triton.py
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-    jobs = {**{f"scan-{c}": (_scan_case, (c,)) for c in SCAN_CASES},
-            **{f"conv-{c}": (_conv_case, (*c, torch.float32)) for c in INTERPRETER_CONV_CASES}}
-    results = {}
-    for case_id, (runner, args) in jobs.items():
-        try:
-            results[case_id] = runner(*args)
-        except Exception:  # noqa: BLE001 - reported by the test of this case
-            results[case_id] = {"error": traceback.format_exc()}
-    print("INTERPRETER_RESULTS " + json.dumps(results))
+    jobs = {**{f"scan-{c}": functools.partial(_scan_case, c) for c in SCAN_CASES},
+            **{f"conv-{c}": functools.partial(_conv_case, *c, torch.float32)
+               for c in INTERPRETER_CONV_CASES}}
+    triton_interpreter.run_cases(jobs)
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-m", "tests.test_s4d_chunked"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("INTERPRETER_RESULTS "):
-            return json.loads(line.removeprefix("INTERPRETER_RESULTS "))
-    pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
-def _check(results: dict, case_id: str, tol: float) -> None:
-    errors = results[case_id]
-    if "error" in errors:
-        pytest.fail(errors["error"])
-    for name, error in errors.items():
-        assert error <= tol, f"{case_id} {name}: relative error {error:.2e} > {tol}"
+    return triton_interpreter.interpreter_results("tests.test_s4d_chunked", timeout=600)
 
 
 @requires_triton
 @pytest.mark.parametrize("case", SCAN_CASES, ids=str)
 def test_interpreter_scan_kernel(interpreter_results, case) -> None:
-    _check(interpreter_results, f"scan-{case}", 5e-6)
+    triton_interpreter.check_result(interpreter_results, f"scan-{case}", 5e-6)
 
 
 @requires_triton
 @pytest.mark.parametrize("case", INTERPRETER_CONV_CASES, ids=str)
 def test_interpreter_chunked_conv(interpreter_results, case) -> None:
-    _check(interpreter_results, f"conv-{case}", 2e-5)
+    triton_interpreter.check_result(interpreter_results, f"conv-{case}", 2e-5)
 
 
 # ----------------------------------------------------------------------------------- (c) CUDA

@@ -15,18 +15,14 @@ the gradients wrt q, k (straight-through), v and the bias, with a random upstrea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.vq_attention import vq_attention, vq_attention_naive
+from tests import triton_interpreter
 from tests.conftest import assert_close, requires_cuda
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -214,52 +210,23 @@ def _scan_case(_fn, case) -> dict[str, float]:
 def _interpreter_main() -> None:
     """``TRITON_INTERPRET=1 python -m tests.test_vq_attention_triton``: every interpreter case,
     one JSON line of relative errors (or the traceback) per case id."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    import triton.runtime.interpreter as interpreter
-
-    # Triton 3.6's interpreter converts a scalar of shape (1,) with int(), which numpy >= 2.4
-    # rejects (triton-lang/triton#9171, "only 0-dimensional arrays can be converted"); its fix:
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
+    triton_interpreter.patch_interpreter()  # before the kernels' module imports triton
     from models.vq_attention.triton import vq_attention_triton
 
     jobs = {**{_case_id(c): (_interpreter_case, c) for c in INTERPRETER_CASES},
             **{f"stable-{c}": (_stable_case, c) for c in STABLE_CASES},
             **{f"cache-{c[0]}-{c[1]}": (_cache_case, c) for c in CACHE_CASES},
             **{f"scan-{c[0]}-{c[1]}": (_scan_case, c) for c in SCAN_CASES}}
-    results = {}
-    for case_id, (runner, case) in jobs.items():
-        try:
-            results[case_id] = runner(vq_attention_triton, case)
-        except Exception:  # noqa: BLE001 - reported by the test of this case
-            results[case_id] = {"error": traceback.format_exc()}
-    print("INTERPRETER_RESULTS " + json.dumps(results))
+    triton_interpreter.run_cases({case_id: functools.partial(runner, vq_attention_triton, case)
+                                  for case_id, (runner, case) in jobs.items()})
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-m", "tests.test_vq_attention_triton"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=900)
-    for line in proc.stdout.splitlines():
-        if line.startswith("INTERPRETER_RESULTS "):
-            return json.loads(line.removeprefix("INTERPRETER_RESULTS "))
-    pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return triton_interpreter.interpreter_results("tests.test_vq_attention_triton", timeout=900)
 
 
-def check_interpreter_result(results: dict, case_id: str, tol: float) -> None:
-    errors = results[case_id]
-    if "error" in errors:
-        pytest.fail(errors["error"])
-    print(errors)
-    for name, error in errors.items():
-        assert error <= tol, f"{name}: relative error {error:.2e} > {tol}"
+check_interpreter_result = triton_interpreter.check_result
 
 
 @requires_triton
