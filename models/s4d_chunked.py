@@ -74,7 +74,7 @@ def decayed_scan_ref(s: Tensor, a_re: Tensor, a_im: Tensor, group: int,
 
 def _scan_launch(s: Tensor, a_re: Tensor, a_im: Tensor, group: int, reverse: bool,
                  states: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    from models.s4d_scan_triton import decayed_scan_triton  # triton is optional
+    from models._s4d_scan_triton import decayed_scan_triton  # triton is optional
 
     return decayed_scan_triton(s, a_re, a_im, group, reverse, states)
 
