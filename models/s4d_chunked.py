@@ -102,12 +102,13 @@ class _DecayedScan(torch.autograd.Function):
 # around it compile.
 @torch.compiler.disable
 def decayed_scan(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:
-    """``decayed_scan_ref`` (forward direction) with gradients: the Triton kernel on CUDA (and
-    under the interpreter), the torch loop elsewhere."""
-    if s.is_cuda or _interpreting():
+    """``decayed_scan_ref`` (forward direction) with gradients: the Triton kernel for float32 on
+    CUDA (and under the interpreter), the torch loop elsewhere (float64 included)."""
+    if s.dtype == torch.float32 and (s.is_cuda or _interpreting()):
         return _DecayedScan.apply(s, a_re, a_im, group)
-    warnings.warn("S4D conv='chunked' off CUDA runs its scan as a torch loop over chunks (a "
-                  "reference, slower than conv='fft' here)", stacklevel=2)
+    warnings.warn(f"S4D conv='chunked' runs its scan as a torch loop over chunks for {s.dtype} "
+                  f"on {s.device.type} (a reference: no Triton kernel there; conv='fft' is "
+                  "faster)", stacklevel=2)
     return decayed_scan_ref(s, a_re, a_im, group)
 
 

@@ -25,7 +25,7 @@ from tests import triton_interpreter
 from tests.conftest import requires_cuda
 
 # the CPU cases run the torch reference scan on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:S4D conv='chunked' off CUDA")
+pytestmark = pytest.mark.filterwarnings("ignore:S4D conv='chunked' runs its scan as a torch")
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
 KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
