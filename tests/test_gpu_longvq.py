@@ -83,7 +83,8 @@ def test_cuda_graph_step_trains_like_eager_steps(monkeypatch, model):
     torch.testing.assert_close(losses[True], losses[False][2:], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_vq"])
+@pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_vq",
+                                   "longvq[key_grad=window;ssm_conv=chunked]"])
 def test_compiled_graphed_step_trains_like_eager_steps(monkeypatch, model):
     """--compile --cuda-graph (inductor around eager VQ steps, all in one graph): the same
     losses as eager steps 3-4, to inductor's float32 reordering."""
