@@ -376,8 +376,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p_eff.add_argument(
         "--compile", action="store_true",
         help="wrap each model in torch.compile, compiled afresh per cell (recorded per row as "
-        "compile; default off); the VQ quantiser and attention op and S4D's FFT convolution "
-        "run eager as graph breaks",
+        "compile; default off); the quantiser's codebook snapshot and update, the VQ attention "
+        "op, the chunked S4D's scan and the FFT convolution run eager as graph breaks",
     )
     p_eff.add_argument(
         "--cuda-graph", action="store_true",
