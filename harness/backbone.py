@@ -81,9 +81,21 @@ class SequenceModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}")
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         for block in self.blocks:
             x = block(x)
+        return self.readout(x)
+
+    # The embedding and the readout are methods of their own, so frames of their own for
+    # torch.compile: a graph break inside a block (an eager region such as the VQ codebook
+    # update) lands in the loop above, and dynamo then runs ``forward`` eagerly, compiling only
+    # the frames it calls. Inline, the embedding, final norm, pooling and head (and their
+    # backward) ran as eager kernels in every compiled step of such a model.
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, pooling (cls) and head: (B, L, d_model) -> logits."""
         x = self.norm(x)
         if self.cfg.head == "cls":
             x = x.mean(dim=1)

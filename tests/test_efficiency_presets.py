@@ -287,6 +287,29 @@ def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
 
 
+def test_embedding_and_readout_compile_despite_graph_breaks_in_blocks(one_thread):
+    """LongVQ's blocks have graph breaks (the eager FFT conv, the codebook update). Dynamo then
+    runs the model's own forward eagerly, so the embedding and the readout (final norm, mean
+    pooling, head) must be frames of their own to be compiled at all."""
+    from harness.registry import parse_model_spec
+
+    spec = parse_model_spec("longvq[key_grad=window]")
+    model = spec.entry.build(spec.entry.make_config(d_model=32, n_layers=2, n_heads=2,
+                                                    d_ffn=64, **dict(spec.overrides)))
+    graphs: list[set[str]] = []
+
+    def record(gm, _inputs):
+        graphs.append({str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes})
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record)(torch.randint(0, 100, (2, 64)))
+    torch._dynamo.reset()
+    assert len(graphs) > 2  # the blocks do break the graph
+    assert any("embedding" in g for g in graphs), graphs
+    assert any({"layer_norm", "mean", "linear"} <= g for g in graphs), graphs
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor on CPU needs a C++ compiler")
 def test_longvq_compiles_with_inductor(one_thread):
