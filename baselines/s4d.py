@@ -46,7 +46,7 @@ class S4DConfig(ModelConfig):
     dt_max: float = 1e-1
     ssm_lr: float = 1e-3  # lr hint of log_dt, log_A_real, A_imag (0 = frozen buffers)
     prenorm: bool = False  # example.py's default is post-norm
-    ssm_conv: str = "fft"  # fft | chunked (linear-time scan, models.s4d_chunked)
+    ssm_conv: str = "auto"  # auto | fft | chunked (linear-time scan, models.s4d_chunked)
 
     def validate(self) -> None:
         if self.d_state <= 0 or self.d_state % 2:
@@ -76,7 +76,7 @@ class S4DBlock(nn.Module):
 
     def __init__(self, cfg: S4DConfig) -> None:
         super().__init__()
-        self.backend = f"ssm-{cfg.ssm_conv}"
+        self.backend = "ssm-fft"  # the conv that ran: conv="auto" resolves per forward
         self.prenorm = cfg.prenorm
         self.dropout = cfg.dropout
         self.layer = S4D(
@@ -99,6 +99,7 @@ class S4DBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.norm(x) if self.prenorm else x
         z = self.output(self.layer(z))
+        self.backend = f"ssm-{self.layer.last_conv}"
         x = x + tied_dropout(z, self.dropout, self.training)
         if not self.prenorm:
             x = self.norm(x)

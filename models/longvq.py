@@ -66,7 +66,7 @@ class LongVQConfig(ModelConfig):
     window: int = 64  # W: local window (and block size of the causal cache)
     ssm: str = "s4d"  # s4d | ema
     d_state: int = 64  # S4D state size N (ssm=s4d)
-    ssm_conv: str = "fft"  # S4D's convolution: fft | chunked (linear-time scan, models.s4d_chunked)
+    ssm_conv: str = "auto"  # S4D conv: auto (by L, device) | fft | chunked (models.s4d_chunked)
     ema_ndim: int = 16  # EMA dimensions (ssm=ema)
     ssm_lr: float = 1e-3  # optimizer hint for SSM parameters (S4 convention)
     vq: bool = True  # off: full attention on un-quantised keys (quadratic ablation)
@@ -141,11 +141,14 @@ class LongVQLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
-        memory_backend = f"ssm-{cfg.ssm_conv}" if cfg.ssm == "s4d" else "ema-fft"
-        impl = "linear" if cfg.attn_impl == "auto" else cfg.attn_impl  # until a forward resolves
-        attention = f"vq-{impl}" if cfg.vq else "full-attn"
-        self.memory_backend = memory_backend
-        self.backend = f"{memory_backend}+{attention}"
+        # the kernels that ran: "auto" choices (S4D conv, VQ attention) resolve per forward
+        self.memory_backend = f"ssm-{self.memory.last_conv}" if cfg.ssm == "s4d" else "ema-fft"
+        impl = "linear" if cfg.attn_impl == "auto" else cfg.attn_impl
+        self.attention_backend = f"vq-{impl}" if cfg.vq else "full-attn"
+
+    @property
+    def backend(self) -> str:
+        return f"{self.memory_backend}+{self.attention_backend}"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attn(Q, K̂, V, B) on (B, L, ·) tensors, as one head."""
@@ -161,7 +164,7 @@ class LongVQLayer(nn.Module):
         else:
             quantized = self.quantizer(k)
             impl = resolve_impl(cfg.attn_impl, q)
-            self.backend = f"{self.memory_backend}+vq-{impl}"
+            self.attention_backend = f"vq-{impl}"
             out = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
                                self.rel_bias, attn_fn=cfg.attn_fn, causal=cfg.causal,
                                window=cfg.window, impl=impl, key_grad=cfg.key_grad)
@@ -172,6 +175,8 @@ class LongVQLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         memory = self.memory(x)
+        if self.cfg.ssm == "s4d":
+            self.memory_backend = f"ssm-{self.memory.last_conv}"
         mx = memory if self.cfg.ssm == "ema" else F.silu(memory)  # X'
         z = F.silu(self.proj_z(mx))
         q, k = self.q_affine(z), self.k_affine(z)

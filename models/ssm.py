@@ -48,6 +48,8 @@ __all__ = [
     "S4D",
     "S4DOutput",
     "S4D_CONVS",
+    "CHUNKED_MIN_LENGTH",
+    "resolve_s4d_conv",
     "MultiHeadEMA",
     "build_memory",
     "register_with_hint",
@@ -101,8 +103,20 @@ KERNEL_CHUNK = 2048
 
 # How S4D applies its kernel: "fft" builds K over all L positions and convolves with length-2L
 # FFTs; "chunked" (models.s4d_chunked) never builds K: T x T Toeplitz blocks plus a state carried
-# between chunks by one scan, linear in L.
-S4D_CONVS = ("fft", "chunked")
+# between chunks by one scan, linear in L; "auto" picks one per forward (``resolve_s4d_conv``).
+S4D_CONVS = ("auto", "fft", "chunked")
+# "auto" takes the chunked conv on CUDA from this length on. The FFT's cost per token grows with
+# L (the kernel and its FFT are per sequence; cuFFT takes two passes past 16K points), the
+# chunked conv's does not; measured on an H200 (results/h200/session9): PLACEHOLDER.
+CHUNKED_MIN_LENGTH = 32768
+
+
+def resolve_s4d_conv(conv: str, length: int, device: torch.device) -> str:
+    """The convolution S4D runs: ``conv`` itself, or for "auto" the chunked one on CUDA from
+    ``CHUNKED_MIN_LENGTH`` and the FFT otherwise (elsewhere the chunked scan is a torch loop)."""
+    if conv != "auto":
+        return conv
+    return "chunked" if device.type == "cuda" and length >= CHUNKED_MIN_LENGTH else "fft"
 
 
 def chunked_kernel(piece: Callable[..., Tensor], length: int, *inputs: Tensor) -> Tensor:
@@ -290,13 +304,14 @@ class S4D(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         lr: float | None = 1e-3,
-        conv: str = "fft",
+        conv: str = "auto",
     ) -> None:
         super().__init__()
         if conv not in S4D_CONVS:
             raise ValueError(f"unknown S4D conv {conv!r}; known: {', '.join(S4D_CONVS)}")
         self.d_model, self.d_state, self.bidirectional = d_model, d_state, bidirectional
         self.conv = conv
+        self.last_conv = resolve_s4d_conv(conv, 0, torch.device("cpu"))  # set by each forward
         self.D = nn.Parameter(torch.randn(d_model))
         # Bidirectional = 2 kernel channels sharing dt and A (FFTConv's ``channels *= 2``).
         self.kernel = S4DKernel(
@@ -316,11 +331,16 @@ class S4D(nn.Module):
             u = u.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         length = u.size(1)
         x = u.transpose(1, 2).to(_work_dtype(u))  # (B, H, L)
+        self.last_conv = resolve_s4d_conv(self.conv, length, x.device)
+        # the chunked conv's products run in the autocast dtype, as a Linear's would
+        gemm_dtype = (torch.get_autocast_dtype(x.device.type)
+                      if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
+                      else None)
         with _no_autocast(x):
-            if self.conv == "chunked":
+            if self.last_conv == "chunked":
                 kern = self.kernel
                 y = s4d_chunked_conv(x, *(p.to(x.dtype) for p in (
-                    kern.log_dt, kern.log_A_real, kern.A_imag, kern.C)))
+                    kern.log_dt, kern.log_A_real, kern.A_imag, kern.C)), gemm_dtype=gemm_dtype)
             else:
                 y = _fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length)
             y = y + x * self.D.to(x.dtype).unsqueeze(-1)

@@ -37,7 +37,8 @@ CONV_CASES = [(b, length, chunk) for b in (False, True)
 
 
 def _conv_case(bidirectional: bool, length: int, chunk: int | None, dtype: torch.dtype,
-               device: str = "cpu", bsz: int = 3, width: int = 6) -> dict[str, float]:
+               device: str = "cpu", bsz: int = 3, width: int = 6,
+               gemm_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Max relative errors of the chunked conv against the FFT conv in float64 (output, du and
     the kernel-parameter gradients), the upstream gradient random."""
     torch.manual_seed(length + bidirectional)
@@ -51,7 +52,8 @@ def _conv_case(bidirectional: bool, length: int, chunk: int | None, dtype: torch
     ref = fft_conv_ref(u64, ref_layer.conv_kernel(length), 2 * length)
     grads_ref = torch.autograd.grad(
         ref, [u64, *(ref_layer.kernel.get_parameter(n) for n in KERNEL_PARAMS)], dy.double())
-    out = s4d_chunked_conv(u, *leaves[1:], chunk=chunk)
+    out = s4d_chunked_conv(u, *leaves[1:], chunk=chunk, gemm_dtype=gemm_dtype)
+    assert out.dtype == dtype
     grads = torch.autograd.grad(out, leaves, dy)
 
     def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -66,6 +68,49 @@ def _conv_case(bidirectional: bool, length: int, chunk: int | None, dtype: torch
 def test_chunked_conv_matches_fft(bidirectional: bool, length: int, chunk: int | None) -> None:
     for name, error in _conv_case(bidirectional, length, chunk, torch.float64).items():
         assert error <= 1e-10, f"{name}: relative error {error:.2e}"
+
+
+# bfloat16 products (autocast): the operands and results carry 8 significant bits, so errors of
+# a few bf16 ulps (2^-8 = 3.9e-3) relative to the largest value; measured 1.4e-3 .. 6.1e-3.
+BF16_GEMM_TOL = 1.5e-2
+
+
+@pytest.mark.parametrize(("bidirectional", "length", "chunk"), [(True, 300, 16),
+                                                                (False, 1000, None)])
+def test_chunked_conv_bf16_products(bidirectional: bool, length: int, chunk: int | None) -> None:
+    """float32 in and out, the three products in bfloat16: within bf16's rounding of the
+    float64 FFT reference, outputs and every gradient."""
+    errors = _conv_case(bidirectional, length, chunk, torch.float32, width=16,
+                        gemm_dtype=torch.bfloat16)
+    for name, error in errors.items():
+        assert error <= BF16_GEMM_TOL, f"{name}: relative error {error:.2e}"
+
+
+def test_auto_conv_and_autocast_products() -> None:
+    """conv="auto" is the FFT off CUDA and below CHUNKED_MIN_LENGTH; under autocast the chunked
+    conv's products take the autocast dtype (close to, not equal to, float32) and the FFT
+    conv is untouched."""
+    from models.ssm import CHUNKED_MIN_LENGTH, resolve_s4d_conv
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_s4d_conv("auto", CHUNKED_MIN_LENGTH, cuda) == "chunked"
+    assert resolve_s4d_conv("auto", CHUNKED_MIN_LENGTH - 1, cuda) == "fft"
+    assert resolve_s4d_conv("auto", 10 * CHUNKED_MIN_LENGTH, cpu) == "fft"
+    assert resolve_s4d_conv("chunked", 8, cpu) == "chunked"
+    torch.manual_seed(0)
+    u = torch.randn(2, 200, 16)
+    for conv in ("fft", "chunked"):
+        layer = S4D(16, d_state=16, bidirectional=True, conv=conv)
+        plain = layer(u)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = layer(u)
+        assert layer.last_conv == conv and mixed.dtype == torch.float32
+        error = ((mixed - plain).abs().max() / plain.abs().max()).item()
+        if conv == "fft":
+            assert error == 0.0
+        else:
+            assert 0.0 < error <= BF16_GEMM_TOL, error
+    assert S4D(4).last_conv == "fft"
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -171,11 +216,15 @@ def test_interpreter_chunked_conv(interpreter_results, case) -> None:
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize(("bsz", "length"), [(8, 4096), (1, 65536)])
-def test_chunked_conv_on_cuda(bsz: int, length: int) -> None:
-    """d_model-128-like width, bidirectional: 1 scan tile at 4K, 16 at 64K; float32."""
-    errors = _conv_case(True, length, None, torch.float32, device="cuda", bsz=bsz, width=16)
+@pytest.mark.parametrize("gemm_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-products"])
+def test_chunked_conv_on_cuda(bsz: int, length: int, gemm_dtype: torch.dtype | None) -> None:
+    """d_model-128-like width, bidirectional: 1 scan tile at 4K, 16 at 64K; float32, the
+    products in float32 or (autocast) bfloat16."""
+    errors = _conv_case(True, length, None, torch.float32, device="cuda", bsz=bsz, width=16,
+                        gemm_dtype=gemm_dtype)
+    tol = 1e-4 if gemm_dtype is None else BF16_GEMM_TOL
     for name, error in errors.items():
-        assert error <= 1e-4, f"{name}: relative error {error:.2e}"
+        assert error <= tol, f"{name}: relative error {error:.2e}"
 
 
 if __name__ == "__main__":
