@@ -113,5 +113,6 @@ class S4DBlock(nn.Module):
 
 @register("s4d", family="ssm", config=S4DConfig, causal=True, bidirectional=True)
 def build_s4d(cfg: S4DConfig) -> SequenceModel:
-    """S4D (diagonal SSM, FFT conv) residual blocks as in state-spaces/s4 example.py."""
+    """S4D (diagonal SSM; FFT conv, chunked scan at long L on CUDA) residual blocks as in
+    state-spaces/s4 example.py."""
     return SequenceModel(cfg, lambda c, _i: S4DBlock(c))
