@@ -105,20 +105,26 @@ KERNEL_CHUNK = 2048
 # FFTs; "chunked" (models.s4d_chunked) never builds K: T x T Toeplitz blocks plus a state carried
 # between chunks by one scan, linear in L; "auto" picks one per forward (``resolve_s4d_conv``).
 S4D_CONVS = ("auto", "fft", "chunked")
-# "auto" takes the chunked conv on CUDA from this length on. The FFT's cost per token grows with
+# "auto" takes the chunked conv on CUDA from these lengths on. The FFT's cost per token grows with
 # L (the kernel and its FFT are per sequence; cuFFT takes two passes past 16K points), the
-# chunked conv's does not. One S4D layer (d_model 128, N 64, bidirectional, bf16 autocast),
-# fwd+bwd at 64K tokens per step, CUDA graph, H200 (results/h200/session9): FFT 1.53 / 1.79 /
-# 2.12 / 3.01 ms at L = 8K / 16K / 32K / 64K, chunked 2.30 / 2.30 / 2.33 / 2.31 ms.
-CHUNKED_MIN_LENGTH = 65536
+# chunked conv's does not, but it is ~40 small ops that only fuse under torch.compile. Measured
+# on an H200 (results/h200/session9), 64K tokens per step, bf16 autocast, CUDA graph:
+# - eager, one S4D layer (d_model 128, N 64, bidirectional) fwd+bwd: FFT 1.53 / 1.79 / 2.12 /
+#   3.01 ms at L = 8K / 16K / 32K / 64K, chunked 2.30 / 2.30 / 2.33 / 2.31 ms;
+# - compiled LongVQ (Text-4K backbone) step: FFT 7.9 / 8.5 / 8.8 / 10.2 ms, chunked 8.1 / 8.1 /
+#   8.2 / 8.2 ms.
+CHUNKED_MIN_LENGTH = {"eager": 65536, "compiled": 16384}
 
 
-def resolve_s4d_conv(conv: str, length: int, device: torch.device) -> str:
+def resolve_s4d_conv(conv: str, length: int, device: torch.device,
+                     compiled: bool = False) -> str:
     """The convolution S4D runs: ``conv`` itself, or for "auto" the chunked one on CUDA from
-    ``CHUNKED_MIN_LENGTH`` and the FFT otherwise (elsewhere the chunked scan is a torch loop)."""
+    ``CHUNKED_MIN_LENGTH`` (under torch.compile or not) and the FFT otherwise (elsewhere the
+    chunked scan is a torch loop)."""
     if conv != "auto":
         return conv
-    return "chunked" if device.type == "cuda" and length >= CHUNKED_MIN_LENGTH else "fft"
+    threshold = CHUNKED_MIN_LENGTH["compiled" if compiled else "eager"]
+    return "chunked" if device.type == "cuda" and length >= threshold else "fft"
 
 
 def chunked_kernel(piece: Callable[..., Tensor], length: int, *inputs: Tensor) -> Tensor:
@@ -333,7 +339,8 @@ class S4D(nn.Module):
             u = u.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         length = u.size(1)
         x = u.transpose(1, 2).to(_work_dtype(u))  # (B, H, L)
-        self.last_conv = resolve_s4d_conv(self.conv, length, x.device)
+        self.last_conv = resolve_s4d_conv(self.conv, length, x.device,
+                                          compiled=torch.compiler.is_compiling())
         # the chunked conv's products run in the autocast dtype, as a Linear's would
         gemm_dtype = (torch.get_autocast_dtype(x.device.type)
                       if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)

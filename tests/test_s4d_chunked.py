@@ -93,9 +93,12 @@ def test_auto_conv_and_autocast_products() -> None:
     from models.ssm import CHUNKED_MIN_LENGTH, resolve_s4d_conv
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_s4d_conv("auto", CHUNKED_MIN_LENGTH, cuda) == "chunked"
-    assert resolve_s4d_conv("auto", CHUNKED_MIN_LENGTH - 1, cuda) == "fft"
-    assert resolve_s4d_conv("auto", 10 * CHUNKED_MIN_LENGTH, cpu) == "fft"
+    for compiled, key in ((False, "eager"), (True, "compiled")):
+        threshold = CHUNKED_MIN_LENGTH[key]
+        assert resolve_s4d_conv("auto", threshold, cuda, compiled) == "chunked"
+        assert resolve_s4d_conv("auto", threshold - 1, cuda, compiled) == "fft"
+        assert resolve_s4d_conv("auto", 10 * threshold, cpu, compiled) == "fft"
+    assert CHUNKED_MIN_LENGTH["compiled"] < CHUNKED_MIN_LENGTH["eager"]
     assert resolve_s4d_conv("chunked", 8, cpu) == "chunked"
     torch.manual_seed(0)
     u = torch.randn(2, 200, 16)
@@ -111,6 +114,27 @@ def test_auto_conv_and_autocast_products() -> None:
         else:
             assert 0.0 < error <= BF16_GEMM_TOL, error
     assert S4D(4).last_conv == "fft"
+
+
+def test_auto_conv_knows_it_is_compiled(monkeypatch) -> None:
+    """The compiled threshold applies inside torch.compile, the eager one outside."""
+    import models.ssm
+
+    seen: list[bool] = []
+
+    def record(conv: str, length: int, device: torch.device, compiled: bool = False) -> str:
+        seen.append(compiled)
+        return "fft"
+
+    monkeypatch.setattr(models.ssm, "resolve_s4d_conv", record)
+    layer = S4D(4, d_state=4)
+    u = torch.randn(1, 16, 4)
+    seen.clear()
+    layer(u)
+    torch._dynamo.reset()
+    torch.compile(layer, backend="eager")(u)
+    torch._dynamo.reset()
+    assert seen == [False, True]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
