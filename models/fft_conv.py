@@ -12,7 +12,8 @@ the non-edge bins) and a physical ``conj`` of each saved spectrum. Measured on a
 Text-4K, compiled, session 8): those complex elementwise kernels took about as long as the FFTs
 themselves. Here the backward is one FFT of dy, one product with the (small, batch-free) conj of
 the kernel's spectrum, one batch reduction that folds the conj in (``linalg.vecdot``), and two
-inverse FFTs. ``fft_conv_ref`` keeps the autograd version; tests compare outputs and gradients.
+inverse FFTs, plus the FFTs of u and k again (recomputed, not saved: see below).
+``fft_conv_ref`` keeps the autograd version; tests compare outputs and gradients.
 """
 
 from __future__ import annotations
@@ -30,30 +31,83 @@ def fft_conv_ref(u: Tensor, k: Tensor, n: int) -> Tensor:
     return y[..., :length]
 
 
-class _FFTConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u: Tensor, k: Tensor, n: int) -> Tensor:  # type: ignore[override]
-        u_f = torch.fft.rfft(u, n=n)
-        k_f = torch.fft.rfft(k, n=n)
-        ctx.save_for_backward(u_f, k_f)
-        ctx.n, ctx.length, ctx.k_length = n, u.size(-1), k.size(-1)
-        return torch.fft.irfft(u_f * k_f, n=n)[..., : u.size(-1)]
+# Custom ops rather than an autograd.Function under ``torch.compiler.disable``: dynamo records
+# each as one opaque node, so a compiled model is not split into separate graphs around every
+# convolution (the ops before and after it fuse with their neighbours), and no complex tensor
+# ever enters the graph (inductor does not lower complex tensors on CUDA). The backward
+# recomputes the spectra of u and k instead of saving them: u is real and half the bytes of its
+# spectrum (and S4D keeps u for its D term anyway), for one more FFT of u per backward.
+def _first(y: Tensor, length: int) -> Tensor:
+    """y[..., :length] of a contiguous (..., n) y: the layout (strides of n) the fake outputs
+    promise to inductor, without copying the slice."""
+    return y.contiguous()[..., :length]
 
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        u_f, k_f = ctx.saved_tensors
-        n = ctx.n
-        dy_f = torch.fft.rfft(dy, n=n)
-        du = dk = None
-        if ctx.needs_input_grad[0]:
-            du = torch.fft.irfft(dy_f * k_f.conj().resolve_conj(), n=n)[..., : ctx.length]
-        if ctx.needs_input_grad[1]:
-            dk_f = torch.linalg.vecdot(u_f, dy_f, dim=0)  # sum_b conj(U) dY, no conj copy of U
-            dk = torch.fft.irfft(dk_f, n=n)[..., : ctx.k_length]
-        return du, dk, None
+
+def _first_fake(like: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
+    return like.new_empty((*shape[:-1], n))[..., : shape[-1]]
+
+
+@torch.library.custom_op("longvq::fft_conv", mutates_args=())
+def _fft_conv_op(u: Tensor, k: Tensor, n: int) -> Tensor:
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+    return _first(y, u.size(-1))
+
+
+@_fft_conv_op.register_fake
+def _(u: Tensor, k: Tensor, n: int) -> Tensor:
+    return _first_fake(u, tuple(u.shape), n)
+
+
+@torch.library.custom_op("longvq::fft_conv_backward", mutates_args=())
+def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: bool,
+                          need_dk: bool) -> tuple[Tensor, Tensor]:
+    """(du, dk); an unneeded one is an empty tensor.
+
+    No conjugate *views* in here (``x.conj()``, ``linalg.vecdot``): run by a compiled graph,
+    a custom op's body sees their conj bit ignored (torch 2.13, CPU: opcheck's AOT test gave
+    the unconjugated products). The kernel's conj is taken physically (it is small), and
+    conj(U) of the batch-sized u as the spectrum of u reversed: conj(rfft(u, n))[f] =
+    rfft(r)[f] with r_0 = u_0, r_s = u_{n-s} (zero where n - s >= L).
+    """
+    dy_f = torch.fft.rfft(dy, n=n)
+    du = dk = u.new_empty(0)
+    if need_du:
+        k_f = torch.conj_physical(torch.fft.rfft(k, n=n))
+        du = _first(torch.fft.irfft(dy_f * k_f, n=n), u.size(-1))
+    if need_dk:
+        length = u.size(-1)
+        gap = u.new_zeros((*u.shape[:-1], n - length))
+        reversed_u = torch.cat([u[..., :1], gap, u[..., 1:].flip(-1)], dim=-1)
+        dk_f = (torch.fft.rfft(reversed_u) * dy_f).sum(0)  # sum_b conj(U) dY
+        dk = _first(torch.fft.irfft(dk_f, n=n), k.size(-1))
+    return du, dk
+
+
+@_fft_conv_backward_op.register_fake
+def _(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: bool,
+      need_dk: bool) -> tuple[Tensor, Tensor]:
+    return (_first_fake(u, tuple(u.shape), n) if need_du else u.new_empty(0),
+            _first_fake(k, tuple(k.shape), n) if need_dk else k.new_empty(0))
+
+
+def _setup_context(ctx, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:
+    u, k, n = inputs
+    ctx.save_for_backward(u, k)
+    ctx.n = n
+
+
+def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    u, k = ctx.saved_tensors
+    need_du, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    du, dk = _fft_conv_backward_op(dy, u, k, ctx.n, need_du, need_dk)
+    return (du if need_du else None), (dk if need_dk else None), None
+
+
+_fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
     """Linear convolution via FFT of length ``n`` (>= L + Lk - 1 for no wrap-around):
-    u (B, H, L), k (H, Lk) -> (B, H, L); same values as ``fft_conv_ref``, fewer backward ops."""
-    return _FFTConv.apply(u, k, n)
+    u (B, H, L), k (H, Lk) -> (B, H, L); same values as ``fft_conv_ref``, fewer backward ops,
+    and one node (no graph break) under torch.compile."""
+    return _fft_conv_op(u, k, n)

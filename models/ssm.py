@@ -236,16 +236,6 @@ def _ema_kernel_piece(coeff: Tensor, log_q: Tensor, weights: Tensor, start: int,
     return torch.einsum("dnl,dn->dl", coeff * torch.exp(positions * log_q), weights)
 
 
-# Eager under torch.compile (a graph break): inductor does not lower complex arithmetic on CUDA
-# (torch 2.11: "'complex' object has no attribute 'get_name'", first met at S4D's complex
-# discretisation, now written in real arithmetic), and cuFFT plus a few complex products gain
-# nothing from fusion.
-@torch.compiler.disable
-def _fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
-    """Linear convolution via FFT of length ``n``: u (B, H, L), k (H, Lk) -> (B, H, L)."""
-    return fft_conv(u, k, n)  # hand-written backward; models.fft_conv has the autograd reference
-
-
 # ----------------------------------------------------------------------------------------- S4D
 
 
@@ -351,7 +341,7 @@ class S4D(nn.Module):
                 y = s4d_chunked_conv(x, *(p.to(x.dtype) for p in (
                     kern.log_dt, kern.log_A_real, kern.A_imag, kern.C)), gemm_dtype=gemm_dtype)
             else:
-                y = _fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length)
+                y = fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length)
             y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return y.transpose(1, 2).to(u.dtype)
 
@@ -490,7 +480,7 @@ class MultiHeadEMA(nn.Module):
             xw = xw.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         with _no_autocast(xw):
             k = self.conv_kernel(length).to(xw.dtype)
-            out = _fft_conv(xw.transpose(1, 2), k, length + self.kernel_size(length))
+            out = fft_conv(xw.transpose(1, 2), k, length + self.kernel_size(length))
         return F.silu(out.transpose(1, 2) + residual).to(x.dtype)
 
     def extra_repr(self) -> str:

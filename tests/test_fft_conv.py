@@ -75,3 +75,38 @@ def test_fft_conv_matches_reference_on_cuda(bsz: int, length: int) -> None:
     for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
         scale = want.abs().max().item()
         assert (got.double() - want).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
+def test_fft_conv_custom_ops_pass_opcheck(wants: tuple[bool, bool]) -> None:
+    """Schemas, fake (meta) outputs with the real outputs' strides, and the registered autograd,
+    as torch.compile relies on them."""
+    from models.fft_conv import _fft_conv_backward_op, _fft_conv_op
+
+    gen = torch.Generator().manual_seed(2)
+    u = torch.randn(2, 3, 10, generator=gen, requires_grad=wants[0])
+    k = torch.randn(3, 20, generator=gen, requires_grad=wants[1])
+    torch.library.opcheck(_fft_conv_op, (u, k, 20))
+    torch.library.opcheck(_fft_conv_op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2),
+                                         k.detach(), 21))
+    dy = torch.randn(2, 3, 10, generator=gen)
+    torch.library.opcheck(_fft_conv_backward_op, (dy, u.detach(), k.detach(), 20, *wants))
+
+
+def test_s4d_fft_conv_is_not_a_graph_break() -> None:
+    """Under torch.compile the S4D layer (kernel generation, FFT conv, D term) is one graph."""
+    from models.ssm import S4D
+
+    layer = S4D(4, d_state=4, bidirectional=True)
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    u = torch.randn(2, 16, 4, requires_grad=True)
+    y = torch.compile(layer, backend=record)(u)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    torch.testing.assert_close(y, layer(u))
