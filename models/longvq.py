@@ -18,6 +18,9 @@ One layer, top to bottom (MODELS.md, "LongVQ"):
     Y  = Go ⊙ H + (1 − Go) ⊙ X        gated residual
     Y  = Norm(Y);  Y = Norm(Y + FFN(Y))
 
+Linear_z, Linear_h and Linear_o read the same X' and are one Linear (``proj_mx``, as Mega's
+``mx_proj``), split by width: the same maps, one GEMM instead of three each way.
+
 The codebook is trained by EMA k-means (models/vq.py) with a commitment loss β‖K − sg(K̂)‖²
 added to the task loss. Ablation fields (each changes the computation; tests prove it):
 ``codebook_size``, ``attn_fn`` (softmax|laplace), ``local_bias``, ``window``, ``ssm``
@@ -120,14 +123,14 @@ class LongVQLayer(nn.Module):
                      if cfg.ssm == "s4d"
                      else {"ndim": cfg.ema_ndim, "lr": cfg.ssm_lr})
         self.memory = build_memory(cfg.ssm, d, bidirectional=not cfg.causal, **memory_kw)
-        self.proj_z = nn.Linear(d, z)
+        # Linear_z, Linear_h and (gate) Linear_o all read X': one GEMM, split (Mega's mx_proj)
+        self.mx_widths = (z, d, d) if cfg.gate else (z, d)
+        self.proj_mx = nn.Linear(d, sum(self.mx_widths))
         self.q_affine, self.k_affine = ScaleOffset(z), ScaleOffset(z)
         self.proj_v = nn.Linear(d, v)
-        self.proj_h = nn.Linear(d, d)
         self.proj_u = nn.Linear(v, d)
         if cfg.gate:
             self.proj_a = nn.Linear(z, v)
-            self.proj_o = nn.Linear(d, d)
         self.rel_bias = (nn.Parameter(torch.empty(2 * cfg.window - 1).normal_(0.0, 0.02))
                          if cfg.local_bias else None)
         self.quantizer = (VectorQuantizer(z, cfg.codebook_size, heads=1, decay=cfg.vq_decay,
@@ -178,7 +181,8 @@ class LongVQLayer(nn.Module):
         if self.cfg.ssm == "s4d":
             self.memory_backend = f"ssm-{self.memory.last_conv}"
         mx = memory if self.cfg.ssm == "ema" else F.silu(memory)  # X'
-        z = F.silu(self.proj_z(mx))
+        z_in, h_in, *o_in = self.proj_mx(mx).split(self.mx_widths, dim=-1)
+        z = F.silu(z_in)
         q, k = self.q_affine(z), self.k_affine(z)
         if self.cfg.key_norm:  # Transformer-VQ normalises keys, which keeps k-means codes in use
             k = F.normalize(k, dim=-1) * self.cfg.z_dim ** 0.5
@@ -186,9 +190,9 @@ class LongVQLayer(nn.Module):
         o = self.attend(q, k, v)
         if self.cfg.gate:
             o = o * F.silu(self.proj_a(z))
-        h = F.silu(self.proj_h(mx) + self.proj_u(self.dropout(o)))
+        h = F.silu(h_in + self.proj_u(self.dropout(o)))
         if self.cfg.gate:
-            gate_out = torch.sigmoid(self.proj_o(mx))
+            gate_out = torch.sigmoid(o_in[0])
             y = gate_out * h + (1.0 - gate_out) * x
         else:
             y = x + h
