@@ -159,9 +159,9 @@ def s4d_chunked_conv(u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tens
     wp_im = 2 * (wr * p_im + wi * p_re)
 
     k = wp_re[..., :t].sum(2)  # K_0 .. K_{T-1}: (c, H, T)
-    lag = torch.arange(t, device=u.device)
-    lag = lag.unsqueeze(0) - lag.unsqueeze(1)  # [i, j] = j - i
-    toeplitz = (k[..., lag.clamp(min=0)] * (lag >= 0)).reshape(rows, t, t)
+    # [i, j] = K_{j-i} (0 for j < i): windows of the left-padded K, rows flipped. Unfold's
+    # backward is a strided sum; a gather by a lag index had a sort-based backward (eager CUDA)
+    toeplitz = F.pad(k, (t - 1, 0)).unfold(-1, t, 1).flip(-2).reshape(rows, t, t)
     # s_m = sum_i dA^(T-1-i) u_i: [re | im] columns, shared by the channels
     into_state = torch.cat([p_re[..., :t].flip(-1), p_im[..., :t].flip(-1)], dim=1)  # (H, N, T)
     into_state = into_state.transpose(1, 2).repeat(channels, 1, 1)  # (c H, T, N)
