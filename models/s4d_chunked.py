@@ -12,7 +12,7 @@ recurrence, so the convolution splits into chunks of T positions, as Mamba-2's S
     s_mn = sum_i dA_n^(T-1-i) u_{mT+i}                             what chunk m adds
     S_mn = sum_{m'<m} a_n^(m-1-m') s_m'n,  a_n = dA_n^T           a decayed exclusive scan
 
-The three products are batched real matmuls (complex numbers split [re | im], as in
+The products are batched real matmuls (complex numbers split [re | im], as in
 ``s4d_kernel``), the scan is ``decayed_scan``: one Triton kernel on CUDA that reads the chunk
 contributions once and writes the states once (its backward is the same scan run in reverse with
 conj(a)), a sequential torch loop elsewhere (a reference for the tests; CPU runs take the FFT).
@@ -127,7 +127,7 @@ def s4d_chunked_conv(u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tens
     causal, y_t = sum_{s<=t} K0_{t-s} u_s. Two: plus the anti-causal part
     y_t += sum_{j>=1} K1_{j-1} u_{t+j} (``S4D.conv_kernel``'s layout). No D term.
 
-    ``gemm_dtype`` (default: u's): the dtype of the three products' operands and results, e.g.
+    ``gemm_dtype`` (default: u's): the dtype of the products' operands and results, e.g.
     bfloat16 under autocast, as a Linear layer's would be. Everything else (the decay powers,
     the weights before rounding, the scan, the output) stays in u's dtype. On an H200 the
     float32 products (no tensor cores unless TF32 is on) were 0.77 ms of a 64K LongVQ layer.
@@ -165,14 +165,17 @@ def s4d_chunked_conv(u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tens
     # s_m = sum_i dA^(T-1-i) u_i: [re | im] columns, shared by the channels
     into_state = torch.cat([p_re[..., :t].flip(-1), p_im[..., :t].flip(-1)], dim=1)  # (H, N, T)
     into_state = into_state.transpose(1, 2).repeat(channels, 1, 1)  # (c H, T, N)
-    s = torch.bmm(x, into_state.to(gemm_dtype)).to(u.dtype).view(rows * bsz, m, 2 * n_half)
+    # one product for both: x read once, and one product for its gradient (no sum of two)
+    local, s = torch.bmm(x, torch.cat([toeplitz, into_state], dim=2).to(gemm_dtype)).split(
+        [t, 2 * n_half], dim=-1)  # (c H, B M, T), (c H, B M, N)
+    s = s.to(u.dtype).reshape(rows * bsz, m, 2 * n_half)
     a_re = p_re[..., t].repeat(channels, 1)  # dA^T: (c H, N/2)
     a_im = p_im[..., t].repeat(channels, 1)
     state = decayed_scan(s, a_re, a_im, group=bsz).view(rows, bsz * m, 2 * n_half)
     # 2 Re(w dA^(j+1) S) = [Re S | Im S] . [2 Re(w dA^(j+1)) ; -2 Im(w dA^(j+1))]
     out_of_state = torch.cat([wp_re[..., 1:], -wp_im[..., 1:]], dim=2).reshape(
         rows, 2 * n_half, t)
-    y = torch.baddbmm(torch.bmm(x, toeplitz.to(gemm_dtype)), state.to(gemm_dtype),
+    y = torch.baddbmm(local, state.to(gemm_dtype),
                       out_of_state.to(gemm_dtype)).to(u.dtype)  # (c H, B M, T)
 
     y = y.view(channels, h, bsz, m * t)[..., :length]
