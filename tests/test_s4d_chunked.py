@@ -137,6 +137,25 @@ def test_auto_conv_knows_it_is_compiled(monkeypatch) -> None:
     assert seen == [False, True]
 
 
+@pytest.mark.parametrize("name", ["longvq", "s4d"])
+def test_backend_records_the_conv_each_forward_ran(monkeypatch, name: str) -> None:
+    """conv="auto" resolves per forward (by length), and so does the model's backend."""
+    import models.ssm
+    from harness.registry import REGISTRY
+
+    real = models.ssm.resolve_s4d_conv
+    monkeypatch.setattr(models.ssm, "resolve_s4d_conv",  # as if on CUDA, threshold 100
+                        lambda conv, length, device, compiled=False:
+                        ("chunked" if length >= 100 else "fft") if conv == "auto"
+                        else real(conv, length, device, compiled))
+    entry = REGISTRY.get(name)
+    model = entry.build(entry.make_config(d_model=8, n_layers=1, n_heads=2, d_ffn=16))
+    assert model.backend.startswith("ssm-fft")  # before any forward: what CPU would run
+    for length, conv in ((64, "fft"), (128, "chunked"), (64, "fft")):
+        model(torch.randint(0, 100, (1, length)))
+        assert model.backend.startswith(f"ssm-{conv}"), (length, model.backend)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_scan_reference_is_the_decayed_sum(reverse: bool) -> None:
     """S_m = sum_{m' < m} a^(m-1-m') s_m' (reverse: m' > m, a^(m'-m-1)), a per row group."""
