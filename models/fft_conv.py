@@ -11,8 +11,9 @@ of ``irfft`` and of both ``rfft`` calls adds Hermitian fix-ups (a complex zero-f
 the non-edge bins) and a physical ``conj`` of each saved spectrum. Measured on an H200 (LongVQ
 Text-4K, compiled, session 8): those complex elementwise kernels took about as long as the FFTs
 themselves. Here the backward is one FFT of dy, one product with the (small, batch-free) conj of
-the kernel's spectrum, one batch reduction that folds the conj in (``linalg.vecdot``), and two
-inverse FFTs, plus the FFTs of u and k again (recomputed, not saved: see below).
+the kernel's spectrum, one product-and-sum over the batch with conj(rfft(u)) (the spectrum of u
+reversed, no conjugate copy), and two inverse FFTs; the spectra of u and k are recomputed, not
+saved (see below).
 ``fft_conv_ref`` keeps the autograd version; tests compare outputs and gradients.
 """
 
