@@ -76,7 +76,6 @@ class S4DBlock(nn.Module):
 
     def __init__(self, cfg: S4DConfig) -> None:
         super().__init__()
-        self.backend = "ssm-fft"  # the conv that ran: conv="auto" resolves per forward
         self.prenorm = cfg.prenorm
         self.dropout = cfg.dropout
         self.layer = S4D(
@@ -96,10 +95,13 @@ class S4DBlock(nn.Module):
             self.ffn = FeedForward(cfg.d_model, cfg.d_ffn, cfg.dropout)
             self.norm_ffn = nn.LayerNorm(cfg.d_model)
 
+    @property
+    def backend(self) -> str:
+        return f"ssm-{self.layer.last_conv}"  # the conv that ran: conv="auto" resolves per forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.norm(x) if self.prenorm else x
         z = self.output(self.layer(z))
-        self.backend = f"ssm-{self.layer.last_conv}"
         x = x + tied_dropout(z, self.dropout, self.training)
         if not self.prenorm:
             x = self.norm(x)

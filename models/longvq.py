@@ -145,13 +145,13 @@ class LongVQLayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
         # the kernels that ran: "auto" choices (S4D conv, VQ attention) resolve per forward
-        self.memory_backend = f"ssm-{self.memory.last_conv}" if cfg.ssm == "s4d" else "ema-fft"
         impl = "linear" if cfg.attn_impl == "auto" else cfg.attn_impl
         self.attention_backend = f"vq-{impl}" if cfg.vq else "full-attn"
 
     @property
     def backend(self) -> str:
-        return f"{self.memory_backend}+{self.attention_backend}"
+        memory = f"ssm-{self.memory.last_conv}" if self.cfg.ssm == "s4d" else "ema-fft"
+        return f"{memory}+{self.attention_backend}"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attn(Q, K̂, V, B) on (B, L, ·) tensors, as one head."""
@@ -178,8 +178,6 @@ class LongVQLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         memory = self.memory(x)
-        if self.cfg.ssm == "s4d":
-            self.memory_backend = f"ssm-{self.memory.last_conv}"
         mx = memory if self.cfg.ssm == "ema" else F.silu(memory)  # X'
         z_in, h_in, *o_in = self.proj_mx(mx).split(self.mx_widths, dim=-1)
         z = F.silu(z_in)
