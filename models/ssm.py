@@ -48,6 +48,7 @@ __all__ = [
     "S4D",
     "S4DOutput",
     "S4D_CONVS",
+    "S4D_KERNEL_PARAMS",
     "CHUNKED_MIN_LENGTH",
     "resolve_s4d_conv",
     "MultiHeadEMA",
@@ -239,6 +240,10 @@ def _ema_kernel_piece(coeff: Tensor, log_q: Tensor, weights: Tensor, start: int,
 # ----------------------------------------------------------------------------------------- S4D
 
 
+# S4DKernel's parameters in the order ``s4d_kernel`` and ``s4d_chunked_conv`` take them
+S4D_KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
+
+
 class S4DKernel(nn.Module):
     """Diagonal SSM convolution kernel; ``forward(L)`` returns (channels, H, L)."""
 
@@ -285,9 +290,13 @@ class S4DKernel(nn.Module):
         d_b = (torch.exp(dt_a) - 1.0) / a  # no extra dt factor: ZOH with B = 1
         return dt_a, d_b, torch.view_as_complex(self.C)
 
+    def params(self) -> tuple[Tensor, ...]:
+        """The parameters (or frozen buffers) named by ``S4D_KERNEL_PARAMS``, in that order."""
+        return tuple(getattr(self, name) for name in S4D_KERNEL_PARAMS)
+
     def forward(self, length: int) -> Tensor:
         # blocked, in real arithmetic (compilable); no (H, N/2, L) Vandermonde
-        return s4d_kernel(self.log_dt, self.log_A_real, self.A_imag, self.C, length)
+        return s4d_kernel(*self.params(), length)
 
 
 class S4D(nn.Module):
@@ -337,9 +346,8 @@ class S4D(nn.Module):
                       else None)
         with _no_autocast(x):
             if self.last_conv == "chunked":
-                kern = self.kernel
-                y = s4d_chunked_conv(x, *(p.to(x.dtype) for p in (
-                    kern.log_dt, kern.log_A_real, kern.A_imag, kern.C)), gemm_dtype=gemm_dtype)
+                y = s4d_chunked_conv(x, *(p.to(x.dtype) for p in self.kernel.params()),
+                                     gemm_dtype=gemm_dtype)
             else:
                 y = fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length)
             y = y + x * self.D.to(x.dtype).unsqueeze(-1)

@@ -20,7 +20,7 @@ import torch
 
 from models.fft_conv import fft_conv_ref
 from models.s4d_chunked import decayed_scan_ref, s4d_chunked_conv
-from models.ssm import S4D
+from models.ssm import S4D, S4D_KERNEL_PARAMS
 from tests import triton_interpreter
 from tests.conftest import requires_cuda
 
@@ -28,7 +28,6 @@ from tests.conftest import requires_cuda
 pytestmark = pytest.mark.filterwarnings("ignore:S4D conv='chunked' runs its scan as a torch")
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
 
 # (bidirectional, length, chunk): L < T, L = T, partial last chunk, chunks that do not divide L
 CONV_CASES = [(b, length, chunk) for b in (False, True)
@@ -46,12 +45,12 @@ def _conv_case(bidirectional: bool, length: int, chunk: int | None, dtype: torch
     kern = layer.kernel
     u = torch.randn(bsz, width, length, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(bsz, width, length, device=device, dtype=dtype)
-    leaves = [u, *(kern.get_parameter(n) for n in KERNEL_PARAMS)]
+    leaves = [u, *(kern.get_parameter(n) for n in S4D_KERNEL_PARAMS)]
     ref_layer = copy.deepcopy(layer).double()  # the reference all in float64
     u64 = u.detach().double().requires_grad_()
     ref = fft_conv_ref(u64, ref_layer.conv_kernel(length), 2 * length)
     grads_ref = torch.autograd.grad(
-        ref, [u64, *(ref_layer.kernel.get_parameter(n) for n in KERNEL_PARAMS)], dy.double())
+        ref, [u64, *(ref_layer.kernel.get_parameter(n) for n in S4D_KERNEL_PARAMS)], dy.double())
     out = s4d_chunked_conv(u, *leaves[1:], chunk=chunk, gemm_dtype=gemm_dtype)
     assert out.dtype == dtype
     grads = torch.autograd.grad(out, leaves, dy)
@@ -59,7 +58,7 @@ def _conv_case(bidirectional: bool, length: int, chunk: int | None, dtype: torch
     def rel(got: torch.Tensor, want: torch.Tensor) -> float:
         return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
-    names = ["out", "u", *KERNEL_PARAMS]
+    names = ["out", "u", *S4D_KERNEL_PARAMS]
     return {n: rel(g, w) for n, g, w in zip(names, (out, *grads), (ref, *grads_ref),
                                              strict=True)}
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from models.ssm import (
     S4D,
+    S4D_KERNEL_PARAMS,
     MultiHeadEMA,
     S4DKernel,
     S4DOutput,
@@ -65,9 +66,6 @@ def test_s4d_kernel_vandermonde_matches_loop() -> None:
     d_a = torch.exp(dt_a)
     loop = torch.stack([2 * (c * d_b * d_a**step).sum(-1).real for step in range(length)], dim=-1)
     assert_close("kernel", loop, kern(length), 1e-12)
-
-
-S4D_KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C")
 
 
 @pytest.mark.parametrize(
