@@ -147,15 +147,17 @@ def _stable_case(fn, causal) -> dict[str, float]:
                            attn_fn="softmax", causal=causal, window=8)
 
 
-# (mode, segments): the code cache alone, each pass over the keys split into segments that start
-# from the totals of the ones before (after, for the suffix pass); L = 45, CH = 16: 3 entries
+# (mode, segments): the code cache alone, each pass over the keys split into segments (causal:
+# each starts from the totals of the ones before; "far" and "all": the totals over all keys, in
+# pieces); L = 45, CH = 16: 3 entries
 CACHE_CASES = [("past", 1), ("past", 2), ("past", 3), ("far", 2), ("far", 3), ("all", 1),
                ("all", 5)]
 
 
 def _cache_case(_fn, case) -> dict[str, float]:
     """``_code_cache`` vs per-code sums in float64 over each entry's keys (j < c CH - W, also
-    j >= (c + 1) CH + W for "far", every key for "all")."""
+    j >= (c + 1) CH + W for "far", every key for "all"). "far" subtracts the band from the
+    totals: where no key of a code lies outside the band its sum must be exactly 0 ("absent")."""
     from models.vq_attention.triton import _code_cache, _Spec
 
     mode, segments = case
@@ -176,8 +178,12 @@ def _cache_case(_fn, case) -> dict[str, float]:
     ref_u = torch.stack([torch.einsum("bjs,bjd->bsd", one_hot * m[:, None], v.double())
                          for m in keys], 1)
     ref_n = torch.stack([(one_hot * m[:, None]).sum(1) for m in keys], 1)
-    return {name: ((ref - x.double()).norm() / ref.norm()).item()
-            for name, ref, x in (("u", ref_u, u), ("counts", ref_n, counts))}
+    errors = {name: ((ref - x.double()).norm() / ref.norm()).item()
+              for name, ref, x in (("u", ref_u, u), ("counts", ref_n, counts))}
+    absent = ref_n == 0
+    assert mode == "all" or bool(absent.any()), "the case must hold codes absent from an entry"
+    errors["absent"] = u[absent].abs().max().item() if absent.any() else 0.0
+    return errors
 
 
 # (reverse, segments): the exclusive scan of the backward's cache, each row split into segments

@@ -12,10 +12,12 @@ chunk c the keys split into
   - all other keys, read through their codes: sum_s phi(s_i q_i . c_s) U_s with the per-code
     value sums U_s (and counts n_s) of those keys. They are the same for every query of the
     chunk: one (S, Dv) *chunk cache* entry per chunk, the sums over the keys before the band
-    (causal) or outside it (bidirectional: a prefix pass, then a suffix pass added to it),
-    each built in one pass over the keys by ``_cache_sums_kernel`` (split into segments that
-    start from ``_segment_sums_kernel`` totals when B H alone would not fill the GPU).
-    Bidirectional without bias (and key_grad="ste"): no band, one cache entry of all keys.
+    (causal: one pass over the keys by ``_cache_sums_kernel``, split into segments that start
+    from ``_segment_sums_kernel`` totals when B H alone would not fill the GPU) or outside it
+    (bidirectional: the totals over all keys less the band's own sums, ``_far_sums_kernel``,
+    one independent program per entry; exact counts, so codes with no key outside the band
+    are masked, not rounding residues). Bidirectional without bias (and key_grad="ste"): no
+    band, one cache entry of all keys.
 Keys of the band outside the local blocks are read exactly too: k_hat_j == c_{s_j}, so the value
 is the same as through their code (that is what ``linear.py`` computes with a per-block cache, CH
 = W here). A larger CH trades a longer exact band (flash-attention-like tiles on tensor cores)
@@ -33,10 +35,11 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
   - ``_bwd_dq_kernel`` per query tile: dq from the code part (s_i sum_s P'_is (dO_i . U_s -
     delta_i n_s) c_s) and from the band tiles, and d(bias) from the band tiles: each tile's
     g summed along its diagonals (``tl.gather``) into a per-program row, summed in torch;
-  - ``_grad_sums_kernel`` per query chunk: G_c = sum_{i in c} P_is dO_i (S x Dv), turned by
-    ``_scan_kernel`` (exclusive suffix and prefix scans) into, per key chunk, the sum over the
-    query chunks that read it through codes;
-  - ``_bwd_dkdv_kernel`` per key tile: dv from the band tiles plus the code part G[s_j]; dk_hat
+  - ``_grad_sums_kernel`` per query chunk: G_c = sum_{i in c} P_is dO_i (S x Dv); causal,
+    turned by ``_scan_kernel`` (exclusive suffix scan) into, per key chunk, the sum over the
+    query chunks that read it through codes; bidirectional, kept with its total over chunks;
+  - ``_bwd_dkdv_kernel`` per key tile: dv from the band tiles plus the code part: G[s_j] of the
+    key's scan entry (causal), or the total less the <= 3 chunks whose band holds j; dk_hat
     from the exact local blocks (key_grad="window", Transformer-VQ's semantics), or, for
     key_grad="ste" with the "dense" strategy, from every (query, key) pair (the far ones without
     bias: their P'_{i, s_j} is the code weight), i.e. dL/dk_hat of the oracle, O(L^2 D) tiles,
@@ -314,58 +317,72 @@ def _cache_sums_kernel(
     V, CODES, T, TCNT, U, CNT,
     L, S, CH, W, n_entries, seg_entries, n_seg, BH,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
-    REVERSE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Code cache in one pass over the keys: entry c = per-code sums of v (summed in fp32,
-    stored in U's dtype) and counts of the keys j < c CH - W (forward), or j >= (c + 1) CH + W
-    (REVERSE), c = 0..n_entries-1; ACCUMULATE adds them to U and CNT. One program per (code
-    tile, batch-head and value tile, segment of ``seg_entries`` entries) walks its entries in
-    order, keeping the running sums in registers: no per-chunk sums in HBM and no separate
-    scan. A segment starts from the ``_segment_sums_kernel`` totals T, TCNT of the segments
-    before it (after it, REVERSE): with few batch-heads one program per (code tile, batch-head)
-    would leave most of the GPU idle while it walks all L keys. (BH, unused, keys the
-    autotuner.)"""
+    """Causal code cache in one pass over the keys: entry c = per-code sums of v (summed in
+    fp32, stored in U's dtype) and counts of the keys j < c CH - W, c = 0..n_entries-1. One
+    program per (code tile, batch-head and value tile, segment of ``seg_entries`` entries)
+    walks its entries in order, keeping the running sums in registers: no per-chunk sums in HBM
+    and no separate scan. A segment starts from the ``_segment_sums_kernel`` totals T, TCNT of
+    the segments before it: with few batch-heads one program per (code tile, batch-head) would
+    leave most of the GPU idle while it walks all L keys. (BH, unused, keys the autotuner.)"""
     bh, et, offs_s, offs_e, s_ok, e_ok = _sums_tile(tl.program_id(0), tl.program_id(1), S, DV,
                                                     BLOCK_DV, BLOCK_S)
     g = tl.program_id(2)
     u_mask = s_ok[:, None] & e_ok[None, :]
     acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     cnt = tl.zeros([BLOCK_S], tl.float32)
-    if REVERSE:
-        g_lo = g + 1
-        g_hi = n_seg
-    else:
-        g_lo = 0
-        g_hi = g
-    for g2 in range(g_lo, g_hi):
+    for g2 in range(0, g):
         row = bh * n_seg + g2
         acc += tl.load(T + (row * S + offs_s[:, None]) * DV + offs_e[None, :], mask=u_mask,
                        other=0.0)
         cnt += tl.load(TCNT + row * S + offs_s, mask=s_ok, other=0.0)
     first = g * seg_entries
     count = tl.minimum(n_entries - first, seg_entries)
-    for i in range(0, count):
-        if REVERSE:  # entry c, then the keys [c CH + W, (c + 1) CH + W) join (for c - 1)
-            c = first + count - 1 - i
-            start = c * CH + W
-        else:  # entry c, then the keys [c CH - W, (c + 1) CH - W) join (for c + 1)
-            c = first + i
-            start = c * CH - W
+    for i in range(0, count):  # entry c, then the keys [c CH - W, (c + 1) CH - W) join (c + 1)
+        c = first + i
+        start = c * CH - W
         row = bh * n_entries + c
-        u_ptrs = U + (row * S + offs_s[:, None]) * DV + offs_e[None, :]
-        u_out = acc
-        cnt_out = cnt
-        if ACCUMULATE:
-            u_out = acc + tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32)
-            cnt_out = cnt + tl.load(CNT + row * S + offs_s, mask=s_ok, other=0.0)
-        tl.store(u_ptrs, u_out.to(U.dtype.element_ty), mask=u_mask)
-        tl.store(CNT + row * S + offs_s, cnt_out, mask=s_ok & (et == 0))
+        tl.store(U + (row * S + offs_s[:, None]) * DV + offs_e[None, :],
+                 acc.to(U.dtype.element_ty), mask=u_mask)
+        tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
         hi = tl.minimum(start + CH, L)
         if i == count - 1:  # the segment's last entry: the next segment starts from T
             hi = start
         acc, cnt = _add_code_sums(acc, cnt, V, CODES, bh, start, hi, L, offs_s, offs_e, e_ok,
                                   DV, PREC, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["L", "S", "CH", "W", "n_chunks", "BH"])
+def _far_sums_kernel(
+    V, CODES, TOT, TOT_CNT, U, CNT,
+    L, S, CH, W, n_chunks, BH,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Bidirectional code cache, entry c = program_id(2): the per-code sums (stored in U's
+    dtype) and counts of the keys outside chunk c's band [c CH - W, (c + 1) CH + W), as the
+    totals over all keys (TOT (BH, S, Dv), TOT_CNT (BH, S), fp32) less the band's own sums.
+    Every entry is independent (no pass over the keys in order, no scan), and each reads only
+    its CH + 2W keys. Counts are exact integers, so a code whose keys all lie in the band gets
+    count 0 and sum 0, not a rounding residue of the subtraction: the forward masks it
+    (softmax) or reads u = 0 (laplace). (BH, unused, keys the autotuner.)"""
+    bh, et, offs_s, offs_e, s_ok, e_ok = _sums_tile(tl.program_id(0), tl.program_id(1), S, DV,
+                                                    BLOCK_DV, BLOCK_S)
+    c = tl.program_id(2)
+    band, band_cnt = _add_code_sums(tl.zeros([BLOCK_S, BLOCK_DV], tl.float32),
+                                    tl.zeros([BLOCK_S], tl.float32), V, CODES, bh, c * CH - W,
+                                    tl.minimum((c + 1) * CH + W, L), L, offs_s, offs_e, e_ok,
+                                    DV, PREC, BLOCK_N)
+    u_mask = s_ok[:, None] & e_ok[None, :]
+    tot = tl.load(TOT + (bh * S + offs_s[:, None]) * DV + offs_e[None, :], mask=u_mask,
+                  other=0.0)
+    cnt = tl.load(TOT_CNT + bh * S + offs_s, mask=s_ok, other=0.0) - band_cnt
+    u = tl.where(cnt[:, None] > 0, tot - band, 0.0)
+    row = bh * n_chunks + c
+    tl.store(U + (row * S + offs_s[:, None]) * DV + offs_e[None, :], u.to(U.dtype.element_ty),
+             mask=u_mask)
+    tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
 
 
 @triton.jit(do_not_specialize=["n_entries", "seg_entries", "row_len"])
@@ -655,7 +672,7 @@ def _bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["L", "S", "W", "CH", "n_chunks", "g_entries", "L_BUCKET"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, BIAS, GCAT, CODES, DK, DV_OUT,
+    Q, K, V, DO, LSE, DELTA, BIAS, GCAT, GTOT, CODES, DK, DV_OUT,
     L, S, W, CH, n_chunks, g_entries, sm_scale, inv_len, L_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
@@ -751,19 +768,26 @@ def _bwd_dkdv_kernel(
             ds = tl.where(dk_pairs, ds * scale[None, :], 0.0)
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
 
-    # code part of dv: the G entry of the query chunks that read key j through its code
+    # code part of dv: the sum of G_c[s_j] over the query chunks c that read key j through
+    # its code. "past": entry (j + W) // CH of the suffix scan; "all": the one entry; "far":
+    # the total GTOT less the (at most 3, as W <= CH) chunks whose band holds j
     code = tl.load(CODES + bh * L + cols, mask=col_ok, other=0)
-    if MODE == 2:
-        index_a = tl.zeros([BLOCK_N], tl.int32)
-    else:
-        index_a = tl.minimum((cols + W) // CH, n_chunks)
     g_mask = col_ok[:, None] & e_ok[None, :]
-    dv += tl.load(GCAT + ((bh * g_entries + index_a[:, None]) * S + code[:, None]) * DV
-                  + offs_e[None, :], mask=g_mask, other=0.0)
-    if MODE == 1:
-        index_b = n_chunks + 1 + tl.maximum((cols - W + CH) // CH - 1, 0)
-        dv += tl.load(GCAT + ((bh * g_entries + index_b[:, None]) * S + code[:, None]) * DV
-                      + offs_e[None, :], mask=g_mask, other=0.0)
+    g_cols = code[:, None] * DV + offs_e[None, :]
+    if MODE == 0:
+        index = tl.minimum((cols + W) // CH, n_chunks)
+        dv += tl.load(GCAT + (bh * g_entries + index[:, None]) * S * DV + g_cols, mask=g_mask,
+                      other=0.0)
+    elif MODE == 2:
+        dv += tl.load(GCAT + bh * S * DV + g_cols, mask=g_mask, other=0.0)
+    else:
+        dv += tl.load(GTOT + bh * S * DV + g_cols, mask=g_mask, other=0.0)
+        c_lo = tl.maximum(cols - W, 0) // CH  # chunks c with c CH - W <= j < (c + 1) CH + W
+        c_hi = tl.minimum((cols + W) // CH, n_chunks - 1)
+        for t in tl.static_range(3):
+            index = c_lo + t
+            dv -= tl.load(GCAT + (bh * g_entries + index[:, None]) * S * DV + g_cols,
+                          mask=g_mask & (index <= c_hi)[:, None], other=0.0)
     tl.store(DK + (bh * L + cols[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None] & d_ok[None, :] & (et == 0))
     tl.store(DV_OUT + (bh * L + cols[:, None]) * DV + offs_e[None, :],
@@ -877,6 +901,7 @@ CONFIGS: dict[str, list[triton.Config]] = {
     # one program per (code tile, batch-head, segment): small code tiles when B H is small
     "sums": SUMS_CONFIGS,
     "seg_sums": SUMS_CONFIGS,
+    "far_sums": SUMS_CONFIGS,
     "fwd": _configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
                      {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128},
@@ -905,6 +930,7 @@ CONFIGS: dict[str, list[triton.Config]] = {
 INTERPRETER_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 16, "BLOCK_S": 16},
     "seg_sums": {"BLOCK_N": 16, "BLOCK_S": 16},
+    "far_sums": {"BLOCK_N": 16, "BLOCK_S": 16},
     "fwd": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16},
     "grad_sums": {"BLOCK_M": 16, "BLOCK_S": 16},
     "dq": _with_block_t({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_S": 16}),
@@ -915,18 +941,21 @@ INTERPRETER_META: dict[str, dict[str, int]] = {
 FALLBACK_META: dict[str, dict[str, int]] = {
     "sums": {"BLOCK_N": 32, "BLOCK_S": 32},
     "seg_sums": {"BLOCK_N": 32, "BLOCK_S": 32},
+    "far_sums": {"BLOCK_N": 32, "BLOCK_S": 32},
     "fwd": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32},
     "grad_sums": {"BLOCK_M": 32, "BLOCK_S": 32},
     "dq": _with_block_t({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_S": 32}),
     "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
     "dk_far": {"BLOCK_M": 32, "BLOCK_N": 32},
 }
-_KERNELS = {"sums": _cache_sums_kernel, "seg_sums": _segment_sums_kernel, "fwd": _fwd_kernel,
+_KERNELS = {"sums": _cache_sums_kernel, "seg_sums": _segment_sums_kernel,
+            "far_sums": _far_sums_kernel, "fwd": _fwd_kernel,
             "grad_sums": _grad_sums_kernel,
             "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "dk_far": _bwd_dk_far_kernel}
 _TUNE_KEYS = {
     "sums": ["S", "CH", "DV", "BH"],
     "seg_sums": ["S", "DV", "BH"],
+    "far_sums": ["S", "CH", "DV", "BH"],
     "fwd": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
     "grad_sums": ["S", "CH", "D", "DV"],
     "dq": ["S", "W", "CH", "D", "DV", "L_BUCKET"],
@@ -934,9 +963,8 @@ _TUNE_KEYS = {
     "dk_far": ["W", "CH", "D", "DV", "L_BUCKET"],
 }
 # The autotuner runs each config several times: kernels that accumulate get their output reset
-# (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk; sums with
-# ACCUMULATE: adds the suffix to the prefix).
-_RESTORE = {"dk_far": ["DK"], "sums": ["U", "CNT"]}
+# (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk).
+_RESTORE = {"dk_far": ["DK"]}
 _TUNED = {name: triton.autotune(CONFIGS[name], key=_TUNE_KEYS[name],
                                 reset_to_zero=["DBIAS"] if name == "dq" else None,
                                 restore_value=_RESTORE.get(name))(kernel)
@@ -1094,16 +1122,15 @@ def _segment_sums(spec: _Spec, v: Tensor, codes: Tensor, n_seg: int, seg_keys: i
 
 
 def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor,
-                reverse: bool, accumulate: bool, segments: int | None = None) -> None:
-    """``_cache_sums_kernel`` into u (BH, n, S, Dv) and counts (BH, n, S), n = n_chunks, split
-    into ``segments`` (default ``_sums_segments``) whose starting sums come from
+                segments: int | None = None) -> None:
+    """``_cache_sums_kernel`` (causal) into u (BH, n, S, Dv) and counts (BH, n, S), n =
+    n_chunks, split into ``segments`` (default ``_sums_segments``) whose starting sums come from
     ``_segment_sums``."""
     bh, n, chunk, window = spec.batch_heads, spec.n_chunks, spec.chunk, spec.window
     n_seg, seg_entries = _even_split(
         n, _sums_segments(spec, n, v.device) if segments is None else segments)
     if n_seg > 1:  # segment g's keys join during its entries (the last segment's: unused)
-        t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_entries * chunk,
-                                 window if reverse else -window)
+        t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_entries * chunk, -window)
     else:
         t, t_cnt = u, counts  # not read
     _launch(
@@ -1111,8 +1138,19 @@ def _cache_sums(spec: _Spec, v: Tensor, codes: Tensor, u: Tensor, counts: Tensor
                               n_seg),
         v, codes, t, t_cnt, u, counts, spec.length, spec.size, chunk, window, n, seg_entries,
         n_seg, bh, DV=spec.value_dim, BLOCK_DV=_value_block(spec.value_dim),
-        PREC=_precision(v.dtype), REVERSE=reverse, ACCUMULATE=accumulate,
+        PREC=_precision(v.dtype),
     )
+
+
+def _key_totals(spec: _Spec, v: Tensor, codes: Tensor,
+                segments: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-code sums (BH, S, Dv) and counts (BH, S) of all keys, fp32: ``_segment_sums`` over
+    ``segments`` pieces of the keys (default: enough to fill the GPU), summed."""
+    tiles = triton.cdiv(spec.length, 64)
+    n_seg, seg_keys = _even_split(
+        spec.length, _sums_segments(spec, tiles, v.device) if segments is None else segments)
+    t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_keys, 0)
+    return t.sum(1), t_cnt.sum(1)
 
 
 SCAN_BLOCK = 1024  # floats of a cache row per program of ``_scan_kernel``
@@ -1153,31 +1191,36 @@ def _code_cache(spec: _Spec, v: Tensor, codes: Tensor, u_dtype: torch.dtype = to
                 segments: int | None = None) -> tuple[Tensor, Tensor]:
     """U (BH, n_cache, S, Dv), in ``u_dtype`` (summed in fp32), and n (BH, n_cache, S), fp32:
     the per-code sums each query chunk reads through codes. Chunk c reads the keys
-    j < c CH - W ("past"), also j >= (c + 1) CH + W ("far"), or all keys ("all").
-    ``segments``: how many pieces each pass over the keys is split into (default: enough to
-    fill the GPU)."""
-    if spec.mode == "all":  # segment totals of the keys, summed
-        tiles = triton.cdiv(spec.length, 64)
-        n_seg, seg_keys = _even_split(
-            spec.length, _sums_segments(spec, tiles, v.device) if segments is None else segments)
-        t, t_cnt = _segment_sums(spec, v, codes, n_seg, seg_keys, 0)
-        return t.sum(1, keepdim=True).to(u_dtype), t_cnt.sum(1, keepdim=True)
-    far = spec.mode == "far"
+    j < c CH - W ("past"), j < c CH - W or j >= (c + 1) CH + W ("far": all keys less the
+    chunk's band, ``_far_sums_kernel``), or all keys ("all"). ``segments``: how many pieces each
+    pass over the keys is split into (default: enough to fill the GPU)."""
     shape = (spec.batch_heads, spec.n_cache, spec.size)
-    # "far" sums the suffix onto the prefix in fp32, then rounds once
-    u = torch.empty(*shape, spec.value_dim, device=v.device,
-                    dtype=torch.float32 if far else u_dtype)
+    if spec.mode == "past":
+        u = torch.empty(*shape, spec.value_dim, device=v.device, dtype=u_dtype)
+        counts = torch.empty(*shape, device=v.device, dtype=torch.float32)
+        _cache_sums(spec, v, codes, u, counts, segments=segments)
+        return u, counts
+    total, total_cnt = _key_totals(spec, v, codes, segments)
+    if spec.mode == "all":
+        return total[:, None].to(u_dtype), total_cnt[:, None]
+    u = torch.empty(*shape, spec.value_dim, device=v.device, dtype=u_dtype)
     counts = torch.empty(*shape, device=v.device, dtype=torch.float32)
-    _cache_sums(spec, v, codes, u, counts, reverse=False, accumulate=False, segments=segments)
-    if far:
-        _cache_sums(spec, v, codes, u, counts, reverse=True, accumulate=True,
-                    segments=segments)
-    return u.to(u_dtype), counts
+    _launch(
+        "far_sums", lambda meta: (triton.cdiv(spec.size, meta["BLOCK_S"]),
+                                  spec.batch_heads * spec.value_tiles, spec.n_chunks),
+        v, codes, total, total_cnt, u, counts, spec.length, spec.size, spec.chunk, spec.window,
+        spec.n_chunks, spec.batch_heads, DV=spec.value_dim,
+        BLOCK_DV=_value_block(spec.value_dim), PREC=_precision(v.dtype),
+    )
+    return u, counts
 
 
-def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:
-    """The adjoint of ``_code_cache`` for v: per key index, the sum over the query chunks that
-    read it of G_c = sum_{i in c} P_is dO_i. (BH, g_entries, S, Dv), see ``_bwd_dkdv_kernel``."""
+def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> tuple[Tensor, Tensor | None]:
+    """The adjoint of ``_code_cache`` for v, from G_c = sum_{i in c} P_is dO_i per query chunk:
+    "past", per key index, the sum over the chunks that read it (suffix scan); "all", the sum
+    over all chunks; "far", the G_c themselves and their total (the dk/dv kernel subtracts the
+    chunks whose band holds the key). (BH, g_entries, S, Dv) and the total (BH, S, Dv) or
+    None, fp32; see ``_bwd_dkdv_kernel``."""
     bh, n, size = spec.batch_heads, spec.n_chunks, spec.size
     g = torch.empty(bh, n, size, spec.value_dim, device=q.device, dtype=torch.float32)
     sm_scale, inv_len = spec.scales
@@ -1190,15 +1233,12 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> Tensor:
         **spec.constants(q.dtype),
     )
     if spec.mode == "all":
-        return g.sum(1, keepdim=True)
-    # entry a = (j + W) // CH (clamped to n): sum over chunks c > a (n + 1 entries); "far" also
-    # entry n + 1 + b, b = max((j - W) // CH, 0): sum over chunks c < b (n + 1 more)
-    out = torch.empty(bh, (n + 1) * (1 if spec.mode == "past" else 2), size, spec.value_dim,
-                      device=q.device, dtype=torch.float32)
-    _scan_into(out, 0, g, reverse=True)
+        return g.sum(1, keepdim=True), None
     if spec.mode == "far":
-        _scan_into(out, n + 1, g, reverse=False)
-    return out
+        return g, g.sum(1)
+    # entry a = (j + W) // CH (clamped to n): the sum over chunks c > a (n + 1 entries)
+    out = torch.empty(bh, n + 1, size, spec.value_dim, device=q.device, dtype=torch.float32)
+    return _scan_into(out, 0, g, reverse=True), None
 
 
 def _forward(spec: _Spec, q, k, v, cb, codes, bias):
@@ -1239,7 +1279,7 @@ def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out, u, cnt)
     """dq, dk_hat, dv (kernel dtype) and dbias (fp32 or None); u, cnt: the forward's cache."""
     softmax = spec.attn_fn == "softmax"
     delta = _delta(out, grad_out) if softmax else None
-    gcat = _grad_cache(spec, q, cb, grad_out, lse, cnt)
+    gcat, gtot = _grad_cache(spec, q, cb, grad_out, lse, cnt)
     sm_scale, inv_len = spec.scales
     dummy = u
     dq = torch.empty_like(q)
@@ -1266,7 +1306,8 @@ def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out, u, cnt)
         "dkdv", lambda meta: (triton.cdiv(spec.length, meta["BLOCK_N"]),
                               spec.batch_heads * spec.value_tiles),
         q, k, v, grad_out, lse if softmax else dummy, delta if softmax else dummy,
-        bias if bias is not None else dummy, gcat, codes, dk, dv,
+        bias if bias is not None else dummy, gcat, gtot if gtot is not None else gcat, codes,
+        dk, dv,
         spec.length, spec.size, spec.window, spec.chunk, spec.n_chunks, gcat.shape[1],
         sm_scale, inv_len, spec.length_bucket,
         HAS_BIAS=spec.has_bias, DK_PAIRS=dk_pairs, **spec.constants(q.dtype),
