@@ -22,7 +22,7 @@ from harness.backbone import PreNormBlock, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
 from models.vq import VectorQuantizer
-from models.vq_attention import IMPLS, resolve_impl, vq_attention
+from models.vq_attention import IMPLS, kernel_inputs, resolve_impl, vq_attention
 
 
 @dataclass
@@ -70,7 +70,8 @@ class VQSelfAttention(nn.Module):
         quantized = self.quantizer(k)
         impl = resolve_impl(self.cfg.attn_impl, q)
         self.backend = f"vq-{impl}"
-        o = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
+        q, k_hat, v = kernel_inputs(impl, q, quantized.k_hat, v)
+        o = vq_attention(q, k_hat, v, quantized.codebook, quantized.codes,
                          self.rel_bias, attn_fn=self.cfg.attn_fn, causal=self.cfg.causal,
                          window=self.cfg.window, impl=impl,
                          key_grad=self.cfg.key_grad)

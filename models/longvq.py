@@ -51,7 +51,7 @@ from harness.config import ModelConfig
 from harness.registry import register
 from models.ssm import S4D_CONVS, build_memory
 from models.vq import VectorQuantizer
-from models.vq_attention import resolve_impl, vq_attention, vq_attention_naive
+from models.vq_attention import kernel_inputs, resolve_impl, vq_attention, vq_attention_naive
 
 ATTN_FNS = ("softmax", "laplace")
 MEMORIES = ("s4d", "ema")
@@ -168,7 +168,8 @@ class LongVQLayer(nn.Module):
             quantized = self.quantizer(k)
             impl = resolve_impl(cfg.attn_impl, q)
             self.attention_backend = f"vq-{impl}"
-            out = vq_attention(q, quantized.k_hat, v, quantized.codebook, quantized.codes,
+            q, k_hat, v = kernel_inputs(impl, q, quantized.k_hat, v)
+            out = vq_attention(q, k_hat, v, quantized.codebook, quantized.codes,
                                self.rel_bias, attn_fn=cfg.attn_fn, causal=cfg.causal,
                                window=cfg.window, impl=impl, key_grad=cfg.key_grad)
             self.aux_loss = quantized.commit_loss

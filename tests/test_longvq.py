@@ -146,3 +146,32 @@ def test_transformer_vq_linear_equals_naive():
     linear = entry.build(cfg).double().eval()
     naive = entry.build(cfg.replace(attn_impl="naive")).double().eval()
     assert_same_function(linear, naive)
+
+
+@pytest.mark.parametrize(("model", "module"), [("longvq", "models.longvq"),
+                                               ("transformer_vq", "baselines.transformer_vq")])
+def test_triton_inputs_are_cast_to_the_autocast_dtype_in_the_model(monkeypatch, model, module):
+    """Under autocast the Triton op reads bf16: q, k_hat and v are cast in the model (compiled,
+    fused with the ops that make them), so they reach the op in bf16 already; the torch paths
+    get them as made (they compute in float32)."""
+    import importlib
+
+    import models.vq_attention as vq_module
+
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def record(q, k_hat, v, *args, **kwargs):
+        seen.append((q.dtype, k_hat.dtype, v.dtype))
+        return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+
+    target = importlib.import_module(module)
+    monkeypatch.setattr(target, "vq_attention", record)
+    entry = REGISTRY.get(model)
+    overrides = {"d_model": 32, "n_layers": 1, "window": 8, "codebook_size": 8, "head": "lm"}
+    net = entry.build(entry.make_config(**overrides))
+    monkeypatch.setattr(target, "resolve_impl", lambda _impl, _q: "triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(tokens(length=20))
+        x = torch.zeros(2)
+        assert vq_module.kernel_inputs("linear", x)[0] is x  # torch paths: as given
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen

@@ -12,8 +12,8 @@ from ._common import check_choice
 from .linear import vq_attention_linear
 from .naive import vq_attention_naive
 
-__all__ = ["IMPLS", "resolve_impl", "triton_available", "vq_attention", "vq_attention_linear",
-           "vq_attention_naive"]
+__all__ = ["IMPLS", "kernel_inputs", "resolve_impl", "triton_available", "vq_attention",
+           "vq_attention_linear", "vq_attention_naive"]
 
 IMPLS = ("auto", "linear", "naive", "triton")
 
@@ -36,6 +36,19 @@ def resolve_impl(impl: str, q: Tensor) -> str:
         return impl
     supported = q.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return "triton" if q.is_cuda and supported and triton_available() else "linear"
+
+
+def kernel_inputs(impl: str, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` as ``impl`` reads them: for "triton" under autocast, in the autocast dtype
+    (``vq_attention_triton`` casts them too; the torch paths compute in float32). Called in the
+    model, before the op's graph break: torch.compile then fuses each cast (and its backward)
+    into the ops that make q and k_hat, where inside the eager op every input and every returned
+    gradient took a copy kernel of its own."""
+    device = tensors[0].device.type
+    if impl == "triton" and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(x.to(dtype) for x in tensors)
+    return tensors
 
 
 # Eager under torch.compile (a graph break): the Triton kernels bring their own autotuned
