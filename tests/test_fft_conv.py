@@ -110,3 +110,24 @@ def test_s4d_fft_conv_is_not_a_graph_break() -> None:
     torch._dynamo.reset()
     assert len(graphs) == 1
     torch.testing.assert_close(y, layer(u))
+
+
+@pytest.mark.parametrize("layer_name", ["s4d", "ema"])
+def test_signals_reach_the_fft_contiguous(monkeypatch, layer_name: str) -> None:
+    """The layers hand the FFT (B, H, L) signals already contiguous, in the forward and in the
+    backward (u is recomputed from the saved input): a strided one makes every rfft copy it
+    first (4 strided copy kernels per LongVQ Text-4K step on an H200)."""
+    from models.ssm import S4D, MultiHeadEMA
+
+    seen: list[bool] = []
+    rfft = torch.fft.rfft
+
+    def record(x, *args, **kwargs):
+        seen.append(x.is_contiguous())
+        return rfft(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fft, "rfft", record)
+    layer = S4D(8, d_state=4, bidirectional=True) if layer_name == "s4d" else MultiHeadEMA(8)
+    u = torch.randn(2, 24, 8, requires_grad=True)  # (B, L, H)
+    layer(u).square().sum().backward()
+    assert len(seen) >= 4 and all(seen), seen
