@@ -18,6 +18,10 @@ wait
 echo "$(( $(date +%s)-s )) s: gpu tests" >> $W/times.txt
 tail -n 2 $W/pytest_shard*.log > $W/pytest_summary.txt
 export LONGVQ_TRITON_AUTOTUNE=0
+# d8e9ffd's kernels: the checkout's triton.py with dkdv_split.patch reverted, imports absolute
+mkdir -p .gpu-runs/vq_old && touch .gpu-runs/vq_old/__init__.py
+patch -R -o .gpu-runs/vq_old/triton_old.py models/vq_attention/triton.py .gpu-runs/dkdv_split.patch > $W/patch.log 2>&1
+sed -i 's/^from \.\(_\?[a-z_]*\) import/from models.vq_attention.\1 import/; s/    from \.linear import/    from models.vq_attention.linear import/' .gpu-runs/vq_old/triton_old.py
 t timeout -k 5 90 python .gpu-runs/vq_dkdv_ab.py 4096 65536 > $W/vq_dkdv_ab.log 2>&1
 P="python run_bench.py efficiency --device cuda --compile --set d_model=128 n_layers=2 d_ffn=256 n_heads=4 vocab_size=257 n_classes=2 --warmup 3 --steps 5 --profile-top 60"
 t timeout -k 5 70 $P --profile 'longvq[key_grad=window]' --lengths 4096 --batch 8 --out $W/prof4k > $W/prof4k.log 2>&1
