@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._common import check_choice
+from ._common import check_choice, to_autocast_dtype
 from .linear import vq_attention_linear
 from .naive import vq_attention_naive
 
@@ -44,11 +44,7 @@ def kernel_inputs(impl: str, *tensors: Tensor) -> tuple[Tensor, ...]:
     model, before the op's graph break: torch.compile then fuses each cast (and its backward)
     into the ops that make q and k_hat, where inside the eager op every input and every returned
     gradient took a copy kernel of its own."""
-    device = tensors[0].device.type
-    if impl == "triton" and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(x.to(dtype) for x in tensors)
-    return tensors
+    return to_autocast_dtype(*tensors) if impl == "triton" else tensors
 
 
 # Eager under torch.compile (a graph break): the Triton kernels bring their own autotuned

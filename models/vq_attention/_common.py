@@ -50,6 +50,16 @@ def logit_scale(
     return torch.full((padded,), 1.0 / length, dtype=dtype, device=device)
 
 
+def to_autocast_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` in the autocast dtype of their device when autocast is on (as SDPA reads its
+    inputs), else as given: what the Triton kernels read."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) for x in tensors)
+
+
 def check_choice(field: str, value: str, known: tuple[str, ...]) -> None:
     """One clear error for an option outside its known values."""
     if value not in known:

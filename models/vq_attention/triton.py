@@ -82,6 +82,7 @@ from ._common import (
     check_inputs,
     laplace_grad,
     no_autocast,
+    to_autocast_dtype,
 )
 from ._key_grad import KEY_GRAD_STRATEGIES, code_key_grad
 
@@ -400,14 +401,14 @@ def _scan_totals_kernel(X, TOT, n_entries, seg_entries, row_len, BLOCK: tl.const
 
 @triton.jit(do_not_specialize=["n_entries", "out_entries", "first", "row_len", "seg_entries"])
 def _scan_kernel(X, OUT, START, n_entries, out_entries, first, row_len, seg_entries,
-                 REVERSE: tl.constexpr, HAS_START: tl.constexpr, BLOCK: tl.constexpr):
-    """Exclusive scan over the entries of rows of ``row_len`` floats, summed in fp32, stored in
-    OUT's dtype at OUT entries [first, first + n_entries + 1) of out_entries per batch row:
-    forward, out[e] = sum_{e' < e} X[e']; REVERSE, out[e] = sum_{e' > e} X[e'] (e = 0..n).
-    One pass instead of torch's flip + cumsum + flip + cat (+ cast). Program (·, b, g) writes
-    the entries [g seg, (g + 1) seg) (the last segment also entry n), starting from START[b, g]
-    (the sum of the entries before the segment; after it for REVERSE): each step waits on a
-    load, so a row needs several segments in flight when there are few rows."""
+                 HAS_START: tl.constexpr, BLOCK: tl.constexpr):
+    """Exclusive suffix scan over the entries of rows of ``row_len`` floats, summed in fp32,
+    stored in OUT's dtype at OUT entries [first, first + n_entries + 1) of out_entries per
+    batch row: out[e] = sum_{e' > e} X[e'] (e = 0..n, out[n] = 0). One pass instead of torch's
+    flip + cumsum + flip + cat (+ cast). Program (·, b, g) writes the entries [g seg, (g + 1)
+    seg) (the last segment also entry n), starting from START[b, g] (the sum of the entries
+    after the segment): each step waits on a load, so a row needs several segments in flight
+    when there are few rows."""
     b, g = tl.program_id(1).to(tl.int64), tl.program_id(2)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < row_len
@@ -419,20 +420,12 @@ def _scan_kernel(X, OUT, START, n_entries, out_entries, first, row_len, seg_entr
         acc = tl.load(START + (b * tl.num_programs(2) + g) * row_len + offs, mask=ok, other=0.0)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
-    if hi == n_entries:  # the last segment: out[n] (0 for REVERSE, the total otherwise)
-        if REVERSE:
-            tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
-    if REVERSE:
-        for i in range(0, hi - lo):
-            e = hi - 1 - i  # out[e] = sum of the entries after e; then add X[e]
-            tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
-            acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
-    else:
-        for e in range(lo, hi):
-            tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
-            acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
-        if hi == n_entries:
-            tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+    if hi == n_entries:  # the last segment: out[n] = 0
+        tl.store(out_row + n_entries * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+    for i in range(0, hi - lo):
+        e = hi - 1 - i  # out[e] = sum of the entries after e; then add X[e]
+        tl.store(out_row + e * row_len, acc.to(OUT.dtype.element_ty), mask=ok)
+        acc += tl.load(x_row + e * row_len, mask=ok, other=0.0)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -1172,14 +1165,14 @@ SCAN_BLOCK = 1024  # floats of a cache row per program of ``_scan_kernel``
 SCAN_PROGRAMS_PER_SM = 4  # segments are added until the scan has this many programs per SM
 
 
-def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool,
-               segments: int | None = None) -> Tensor:
-    """``_scan_kernel``: the exclusive scan of contiguous fp32 (B, n, ...) ``x`` over dim 1 into
-    out[:, first : first + n + 1] (``out``: contiguous (B, n_out, ...), any float dtype).
+def _scan_into(out: Tensor, first: int, x: Tensor, segments: int | None = None) -> Tensor:
+    """``_scan_kernel``: the exclusive suffix scan of contiguous fp32 (B, n, ...) ``x`` over
+    dim 1 into out[:, first : first + n + 1] (``out``: contiguous (B, n_out, ...), any float
+    dtype).
     ``segments`` (default: enough for SCAN_PROGRAMS_PER_SM programs per SM when the rows alone
     do not fill the GPU -- LongVQ at 64K has a single row of 64 programs, whose scans ran 8x
     slower than at 8K batch 8 for the same bytes): pieces of each row scanned in parallel from
-    the totals of the pieces before them (``_scan_totals_kernel``, then a cumsum over pieces)."""
+    the totals of the pieces after them (``_scan_totals_kernel``, then a cumsum over pieces)."""
     rows, n = x.shape[0], x.shape[1]
     row_len = math.prod(x.shape[2:])
     block = 16 if interpreting() else SCAN_BLOCK
@@ -1191,14 +1184,11 @@ def _scan_into(out: Tensor, first: int, x: Tensor, reverse: bool,
         totals = torch.empty(rows, n_seg, row_len, device=x.device, dtype=torch.float32)
         _scan_totals_kernel[(tiles, rows, n_seg)](x, totals, n, seg_entries, row_len,
                                                   BLOCK=block)
-        # exclusive over segments: the totals before segment g (after it for reverse)
-        if reverse:
-            start = totals.flip(1).cumsum(1).flip(1) - totals
-        else:
-            start = totals.cumsum(1) - totals
+        # exclusive over segments: the totals after segment g
+        start = totals.flip(1).cumsum(1).flip(1) - totals
     _scan_kernel[(tiles, rows, n_seg)](
-        x, out, start, n, out.shape[1], first, row_len, seg_entries, REVERSE=reverse,
-        HAS_START=n_seg > 1, BLOCK=block)
+        x, out, start, n, out.shape[1], first, row_len, seg_entries, HAS_START=n_seg > 1,
+        BLOCK=block)
     return out
 
 
@@ -1253,7 +1243,7 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> tuple[Tensor, Tens
         return g, g.sum(1)
     # entry a = (j + W) // CH (clamped to n): the sum over chunks c > a (n + 1 entries)
     out = torch.empty(bh, n + 1, size, spec.value_dim, device=q.device, dtype=torch.float32)
-    return _scan_into(out, 0, g, reverse=True), None
+    return _scan_into(out, 0, g), None
 
 
 def _forward(spec: _Spec, q, k, v, cb, codes, bias):
@@ -1471,12 +1461,11 @@ def vq_attention_triton(
     check_choice("key_grad_strategy", key_grad_strategy, TRITON_KEY_GRAD_STRATEGIES)
     if not q.is_cuda and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}); use impl='linear'")
-    if torch.is_autocast_enabled(q.device.type):
-        # as SDPA under autocast: the kernels read the autocast dtype. In the models q and k
-        # come from a float32 affine map (Mega's scale/offset), so without this the kernels
-        # ran float32 (3xTF32 dots, twice the bytes) inside a bf16 training step
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k_hat, v = (x.to(dtype) for x in (q, k_hat, v))
+    # as SDPA under autocast: the kernels read the autocast dtype. In the models q and k come
+    # from a float32 affine map (Mega's scale/offset), so without this the kernels ran float32
+    # (3xTF32 dots, twice the bytes) inside a bf16 training step (the models cast already:
+    # ``kernel_inputs``; then this is a no-op)
+    q, k_hat, v = to_autocast_dtype(q, k_hat, v)
     kernel_dtype(q, k_hat, v)
     chunk = default_chunk(window) if chunk is None else chunk
     if not isinstance(chunk, int) or chunk < window or chunk % window:
