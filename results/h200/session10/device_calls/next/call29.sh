@@ -18,7 +18,8 @@ wait
 echo "$(( $(date +%s)-s )) s: gpu tests" >> $W/times.txt
 tail -n 2 $W/pytest_shard*.log > $W/pytest_summary.txt
 export LONGVQ_TRITON_AUTOTUNE=0
-# d8e9ffd's kernels: the checkout's triton.py with dkdv_split.patch reverted, imports absolute
+# d8e9ffd's kernels: the checkout's triton.py with dkdv_split.patch (d8e9ffd -> 918aeea) reverted,
+# imports absolute
 mkdir -p .gpu-runs/vq_old && touch .gpu-runs/vq_old/__init__.py
 patch -R -o .gpu-runs/vq_old/triton_old.py models/vq_attention/triton.py .gpu-runs/dkdv_split.patch > $W/patch.log 2>&1
 sed -i 's/^from \.\(_\?[a-z_]*\) import/from models.vq_attention.\1 import/; s/    from \.linear import/    from models.vq_attention.linear import/' .gpu-runs/vq_old/triton_old.py
