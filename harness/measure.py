@@ -196,7 +196,9 @@ def compile_model(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
 
 @dataclass
 class TrainStep:
-    """A built model with its optimizer and one fixed random batch; ``step()`` trains once."""
+    """A built model with its optimizer and one fixed random batch; ``step()`` trains once,
+    ``forward_loss()`` runs only the step's forward and loss (autocast, compiled if the cell
+    is): the autograd graph a backward would walk (harness/memory_accounting.py reads it)."""
 
     model: Any
     tokens: torch.Tensor
@@ -204,6 +206,7 @@ class TrainStep:
     optimizer: torch.optim.Optimizer
     groups: dict[str, Any]
     step: Callable[[], torch.Tensor]
+    forward_loss: Callable[[], torch.Tensor]
 
 
 def build_step(entry: Entry, model_config: Any, cell: EfficiencyCell,
@@ -225,12 +228,15 @@ def build_step(entry: Entry, model_config: Any, cell: EfficiencyCell,
     # the loss still reads the aux losses and head kind from the plain module
     forward = compile_model(model) if cell.compile else model
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
+    def forward_loss() -> torch.Tensor:
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if use_autocast
                else contextlib.nullcontext())
         with ctx:
-            loss = task_loss(model, forward(tokens), targets)
+            return task_loss(model, forward(tokens), targets)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_loss()
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -239,7 +245,7 @@ def build_step(entry: Entry, model_config: Any, cell: EfficiencyCell,
         if device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         step = graphed_step(step, device, before_capture=lambda: _reset_peak_memory(device))
-    return TrainStep(model, tokens, targets, optimizer, groups, step)
+    return TrainStep(model, tokens, targets, optimizer, groups, step, forward_loss)
 
 
 def _reset_peak_memory(device: torch.device) -> None:

@@ -112,11 +112,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
     shapes = settings.shapes
     if args.profile_top < 1:
         raise UsageError(f"--profile-top: {args.profile_top} must be >= 1")
-    if args.profile:  # one model at one shape: the preset's profile length, else the first
+    if args.profile and args.memory:
+        raise UsageError("--profile and --memory: give one of them (each runs one model)")
+    one_model = args.profile or args.memory
+    if one_model:  # one model at one shape: the preset's profile length, else the first
+        flag = "--profile" if args.profile else "--memory"
         try:
-            entries = [parse_model_spec(args.profile)]
+            entries = [parse_model_spec(one_model)]
         except ValueError as exc:
-            raise UsageError(f"--profile: {exc}") from None
+            raise UsageError(f"{flag}: {exc}") from None
         length = preset.profile_len if preset is not None else shapes[0][0]
         shapes = [(length, preset.batch_for(length))] if preset is not None else shapes[:1]
     try:
@@ -129,6 +133,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.profile:
         return run_profile(planned[0], Path(args.out) if args.out else None, console,
                            args.profile_top)
+    if args.memory:
+        return run_memory(planned[0], Path(args.out) if args.out else None, console,
+                          args.profile_top)
     store = Store(args.store)
     console.print(
         f"[bold]efficiency[/bold]: {len(planned)} cells on {device} ({dtype}"
@@ -285,6 +292,36 @@ def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) 
     return 0
 
 
+def run_memory(planned, out_dir: Path | None, console: Console, top: int = 20) -> int:
+    """--memory MODEL: the resident state and the tensors saved for the backward of the cell's
+    training step (harness/memory_accounting.py; no store row)."""
+    from harness.measure import is_oom
+    from harness.memory_accounting import account_cell, memory_tables, saved_rows
+    from harness.report_efficiency import write_profile_files
+
+    cell = planned.cell
+    label = f"{escape(cell.model)} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
+        " compiled" if cell.compile else "")
+    console.print(f"[bold]memory[/bold] {label} on {cell.device}: {max(1, cell.warmup)} "
+                  "warm-up steps, then one forward whose saved tensors are counted")
+    try:
+        account = account_cell(planned.entry, planned.model_config, cell)
+    except Exception as exc:  # noqa: BLE001 - reported as one line, like a cell's status
+        status = "oom" if is_oom(exc) else "error"
+        console.print(f"[red]memory {status}[/red]: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        return 1
+    tables = memory_tables(account, f"memory of one training step, {label}, {cell.device}",
+                           top)
+    for block in tables:
+        console.print(rich_table(block))
+    if out_dir is not None:
+        stem = f"memory_{safe_name(cell.model)}_L{cell.seq_len}"
+        paths = write_profile_files(saved_rows(account), tables, out_dir / stem)
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def print_efficiency_table(frame, console: Console) -> None:
     from harness.report import add_ratios
 
@@ -396,8 +433,18 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--out: profile_MODEL_L<L>.{md,csv} and profile_MODEL_L<L>_categories.csv",
     )
     p_eff.add_argument(
+        "--memory", default=None, metavar="MODEL",
+        help="instead of the sweep: where a training step's memory goes for MODEL (at the shape "
+        "--profile would use): parameters, gradients, optimizer state and every tensor the "
+        "forward saves for the backward (counted per storage: a saved view keeps its whole "
+        "base), by autograd node or compiled graph, by module when not compiled; on CUDA also "
+        "the allocator's peak over one step; works on CPU; with --out: "
+        "memory_MODEL_L<L>.{md,csv}",
+    )
+    p_eff.add_argument(
         "--profile-top", type=int, default=20, metavar="N",
-        help="with --profile: how many kernels (ops on CPU) the table lists (default 20)",
+        help="with --profile: how many kernels (ops on CPU) the table lists; with --memory: "
+        "how many of the largest saved tensors (default 20)",
     )
     p_eff.add_argument(
         "--skip-after-oom", dest="skip_after_oom", action=argparse.BooleanOptionalAction,

@@ -1,0 +1,110 @@
+"""harness/memory_accounting.py: what a training step saves for its backward, and the CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import harness.measure
+from harness.cli import main
+from harness.measure import EfficiencyCell
+from harness.memory_accounting import account_cell, memory_tables, saved_for_backward
+from harness.registry import parse_model_spec
+
+MIB = 2**20
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def test_saved_storages_counted_once_views_at_full_size_parameters_left_out():
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(256, 64, requires_grad=True)
+    hidden = x @ weight  # saves x (and the parameter, resident: not counted)
+    half = hidden.sin()[:, :32]  # a view of a (256, 64) float32 storage
+    loss = (half * half).sum() + half.cos().sum()  # ``half`` saved by both: one storage
+    saved = saved_for_backward(loss, {_key(weight)})
+    by_shape = {t.shape: t for t in saved}
+    assert (256, 32) in by_shape and (256, 64) in by_shape
+    view = by_shape[(256, 32)]
+    assert view.tensor_bytes == 256 * 32 * 4 and view.storage_bytes == 256 * 64 * 4
+    assert sum(t.shape == (256, 32) for t in saved) == 1
+    assert all(t.shape != (64, 64) for t in saved)  # the parameter
+    assert [t.storage_bytes for t in saved] == sorted((t.storage_bytes for t in saved),
+                                                      reverse=True)
+
+
+def test_saved_bytes_grow_with_length_and_modules_are_named(one_thread):
+    spec = parse_model_spec("longvq[key_grad=window]")
+    config = spec.entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64,
+                                    **dict(spec.overrides))
+    accounts = [account_cell(spec.entry, config, EfficiencyCell(spec.label, length, 2, "cpu",
+                                                                "fp32", warmup=1))
+                for length in (64, 128, 256)]
+    short, _, long = accounts
+    tensors = list(spec.entry.build(config).parameters())
+    params = sum(p.numel() * 4 for p in tensors)
+    assert short.parameters == params and short.gradients == params
+    # AdamW: exp_avg and exp_avg_sq of each, and a scalar step (float32, or float64)
+    assert 2 * params < short.optimizer_state <= 2 * params + 8 * len(tensors)
+    # activations are linear in L here (the linear VQ attention, the FFT's 2L buffers, the
+    # S4D kernel); the codebook and the weights' copies are not
+    sizes = [a.saved_bytes for a in accounts]
+    assert sizes[2] - sizes[1] == pytest.approx(2 * (sizes[1] - sizes[0]), rel=0.05)
+    assert long.by_module is not None
+    assert {"blocks.0.memory", "blocks.1.quantizer", "blocks.0.ffn.fc_in"} <= set(long.by_module)
+    assert sum(long.by_module.values()) == pytest.approx(long.saved_bytes, rel=0.05)
+    holders = {t.holder for t in long.saved}
+    assert "_VQAttentionBackward" in holders  # the op's custom autograd Function
+    tables = memory_tables(long, "caption", top=5)
+    assert len(tables[-1].rows) == 5 and tables[0].rows[0][0] == "parameters"
+
+
+def test_compiled_graphs_are_the_holders(monkeypatch, one_thread):
+    monkeypatch.setattr(harness.measure, "compile_model",
+                        lambda m: (torch._dynamo.reset(), torch.compile(m, backend="aot_eager"))[1])
+    spec = parse_model_spec("transformer_sdpa")
+    config = spec.entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64)
+    account = account_cell(spec.entry, config,
+                           EfficiencyCell(spec.label, 64, 2, "cpu", "fp32", warmup=1,
+                                          compile=True))
+    assert account.by_module is None  # no module attribution inside compiled graphs
+    holders = {t.holder for t in account.saved}
+    assert any(h.startswith("compiled graph 1 of ") for h in holders), holders
+    assert account.saved_bytes > 0
+
+
+def test_memory_flag_writes_tables(tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    code = main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
+                 "--memory", "longvq", "--profile-top", "4", "--out", str(out),
+                 "--store", str(tmp_path / "b.db")])
+    assert code == 0
+    rows = pd.read_csv(out / "memory_longvq_L256.csv")
+    assert len(rows) > 10 and (rows["storage_bytes"] >= rows["tensor_bytes"]).all()
+    markdown = (out / "memory_longvq_L256.md").read_text()
+    assert "saved for backward: the storages they keep alive" in markdown
+    assert "blocks.0.memory" in markdown  # eager: by module
+    assert "the 4 largest saved storages" in markdown
+    assert "memory longvq" in capsys.readouterr().out
+    assert not (tmp_path / "b.db").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--memory", "longvqq"], "longvq"),
+    (["--memory", "longvq", "--profile", "longvq"], "--profile and --memory"),
+])
+def test_memory_flag_errors(tmp_path, capsys, argv, message):
+    code = main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
+                 "--store", str(tmp_path / "b.db"), *argv])
+    assert code == 2 and message in capsys.readouterr().err
