@@ -21,19 +21,51 @@ random keys of the batch (count reset to the threshold). Choices of ours, docume
   over heads instead (a factor ``heads``) -- fold that into ``commitment`` if matching it.
 - No all-reduce: under data parallelism each replica updates its own codebook.
 - Distances and EMA run in float32 with autocast disabled, so bf16 autocast is safe.
+- The nearest code: on CUDA (``nearest_impl="auto"``, triton importable, dim <= 128) one fused
+  Triton kernel (models/_vq_nearest_triton.py: float32-accurate dots on tensor cores, running
+  argmin, no (B, H, L, S) distance matrix); elsewhere, and as the reference its tests compare
+  with, ``distances`` + argmin in torch.
 - The forward returns the codebook it quantised with (``VQOutput.codebook``): the in-place EMA
   update happens after quantising, and VQ-attention must use the same codes as ``k_hat``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VQOutput", "VectorQuantizer", "code_stats"]
+__all__ = ["NEAREST_IMPLS", "VQOutput", "VectorQuantizer", "code_stats"]
+
+NEAREST_IMPLS = ("auto", "torch", "triton")
+FUSED_NEAREST_MAX_DIM = 128  # the kernel keeps a (64, dim) tile of keys in registers
+
+
+@functools.cache
+def fused_nearest_available() -> bool:
+    """Whether the Triton nearest-code kernel imports (the triton package and a working build)."""
+    try:
+        import models._vq_nearest_triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing package or broken install alike
+        return False
+    return True
+
+
+# A custom op rather than a graph break: under torch.compile the quantiser's lookup, loss and
+# counts around it stay one graph. No autograd: codes are integers and k is detached.
+@torch.library.custom_op("longvq::nearest_code", mutates_args=())
+def _nearest_code_op(k: Tensor, codebook: Tensor) -> Tensor:
+    from models._vq_nearest_triton import nearest_code_triton
+
+    return nearest_code_triton(k, codebook)
+
+
+@_nearest_code_op.register_fake
+def _(k: Tensor, codebook: Tensor) -> Tensor:
+    return k.new_empty(k.shape[:-1], dtype=torch.int64)
 
 
 @dataclass
@@ -76,6 +108,8 @@ class VectorQuantizer(nn.Module):
         distance_chunk: positions per chunk for the distance/argmin (None: all at once); bounds
             the (B, H, chunk, S) distance tensor.
         compute_stats: compute utilisation/perplexity (0-d tensors, no device sync).
+        nearest_impl: "auto" (the Triton kernel for CUDA keys when it imports and dim <= 128,
+            else torch), "torch" (``distances`` + argmin, the reference) or "triton".
     """
 
     def __init__(
@@ -92,8 +126,13 @@ class VectorQuantizer(nn.Module):
         seed: int | None = None,
         distance_chunk: int | None = None,
         compute_stats: bool = True,
+        nearest_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if nearest_impl not in NEAREST_IMPLS:
+            raise ValueError(f"nearest_impl={nearest_impl!r}; choose one of "
+                             f"{', '.join(NEAREST_IMPLS)}")
+        self.nearest_impl = nearest_impl
         self.dim, self.codebook_size, self.heads = dim, codebook_size, heads
         self.decay, self.eps, self.commitment = decay, eps, commitment
         self.dead_code_threshold = dead_code_threshold
@@ -122,8 +161,18 @@ class VectorQuantizer(nn.Module):
             c2 = cb.pow(2).sum(-1)[None, :, None, :]
             return k2 - 2.0 * cross + c2
 
+    def fused_nearest(self, k: Tensor) -> bool:
+        """Whether ``nearest`` runs the Triton kernel for keys like ``k``."""
+        if self.nearest_impl == "auto":
+            return (k.is_cuda and k.size(-1) <= FUSED_NEAREST_MAX_DIM
+                    and fused_nearest_available())
+        return self.nearest_impl == "triton"
+
     def nearest(self, k: Tensor, codebook: Tensor | None = None) -> Tensor:
-        """Codes (B, H, L) int64 of the nearest codeword, chunked over L."""
+        """Codes (B, H, L) int64 of the nearest codeword: the fused kernel (``fused_nearest``),
+        or in torch chunked over L."""
+        if self.fused_nearest(k):
+            return _nearest_code_op(k.detach(), self.codebook if codebook is None else codebook)
         chunk = self.distance_chunk or k.size(2)
         parts = [self.distances(kc, codebook).argmin(-1)
                  for kc in k.detach().split(chunk, dim=2)]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import pytest
 import torch
 
 from models.vq import VectorQuantizer, code_stats
+from tests import triton_interpreter
 from tests.conftest import assert_close_max as assert_close
+from tests.conftest import requires_cuda
 
 
 def _set_codebook(vq: VectorQuantizer, codebook: torch.Tensor) -> None:
@@ -212,3 +216,101 @@ def test_stats_are_tensors_read_lazily() -> None:
     assert isinstance(out.utilisation, torch.Tensor) and out.utilisation.dim() == 0
     quiet = VectorQuantizer(4, 8, compute_stats=False)(torch.randn(2, 1, 12, 4))
     assert math.isnan(quiet.perplexity.item()) and quiet.stats == {}
+
+
+# ------------------------------------------------- the fused nearest-code kernel (Triton)
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+# (batch, heads, length, dim, codebook size): partial row and code tiles, dim < 16 (padded dots),
+# several code tiles, LongVQ's z_dim
+NEAREST_CASES = [(2, 1, 100, 64, 256), (1, 3, 37, 8, 37), (2, 2, 130, 24, 200)]
+
+
+def _nearest_errors(codes: torch.Tensor, k: torch.Tensor, codebook: torch.Tensor,
+                    ) -> dict[str, float]:
+    """How far ``codes`` are from the nearest codes (float64): the largest excess squared
+    distance of a chosen code over the nearest one (relative to the mean squared distance),
+    and the fraction of rows whose code differs from torch's argmin."""
+    dist = torch.cdist(k.double().transpose(0, 1).flatten(1, 2),
+                       codebook.double()).pow(2)  # (H, B L, S)
+    chosen = dist.gather(-1, codes.transpose(0, 1).flatten(1, 2).unsqueeze(-1)).squeeze(-1)
+    excess = ((chosen - dist.min(-1).values).max() / dist.mean()).item()
+    reference = dist.argmin(-1).view(k.shape[1], k.shape[0], k.shape[2]).transpose(0, 1)
+    return {"excess": excess, "mismatch": (codes != reference).double().mean().item()}
+
+
+def _nearest_case(case) -> dict[str, float]:
+    from models._vq_nearest_triton import nearest_code_triton
+
+    bsz, heads, length, dim, size = case
+    gen = torch.Generator().manual_seed(length * dim)
+    k = torch.randn(bsz, heads, length, dim, generator=gen)
+    codebook = torch.randn(heads, size, dim, generator=gen)
+    errors = _nearest_errors(nearest_code_triton(k, codebook), k, codebook)
+    # ties: every code duplicated at a later index, and keys equal to codes: the lower index
+    # wins, as torch.argmin's
+    twin = torch.cat([codebook, codebook], dim=1)
+    exact = codebook[:, torch.arange(length) % size].unsqueeze(0).expand(bsz, -1, -1, -1)
+    codes = nearest_code_triton(exact, twin)
+    errors["ties_not_first"] = (codes >= size).double().mean().item()
+    # through the quantiser, forced onto the kernel, against its torch path
+    fused = VectorQuantizer(dim, size, heads=heads, nearest_impl="triton").eval()
+    plain = VectorQuantizer(dim, size, heads=heads, nearest_impl="torch").eval()
+    plain.load_state_dict(fused.state_dict())
+    want = plain(k).codes
+    errors["quantiser_mismatch"] = (fused(k).codes != want).double().mean().item()
+    # traced: the kernel is one custom op (its fake gives dynamo the codes' shape and dtype)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=False)
+    errors["compiled_mismatch"] = (compiled(k).codes != want).double().mean().item()
+    return errors
+
+
+def _interpreter_main() -> None:
+    """``TRITON_INTERPRET=1 python -m tests.test_vq``: one JSON line of the kernel's errors."""
+    triton_interpreter.run_cases({f"nearest-{c}": functools.partial(_nearest_case, c)
+                                  for c in NEAREST_CASES})
+
+
+@pytest.fixture(scope="module")
+def nearest_interpreter_results() -> dict:
+    return triton_interpreter.interpreter_results("tests.test_vq", timeout=600)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", NEAREST_CASES, ids=str)
+def test_interpreter_nearest_code_kernel(nearest_interpreter_results, case) -> None:
+    """The kernel's codes are nearest codes (float64 check), equal to torch's argmin (random
+    data has no near-ties), lowest index on exact ties, and the quantiser's forced Triton path
+    gives its torch path's codes."""
+    triton_interpreter.check_result(nearest_interpreter_results, f"nearest-{case}", 1e-6)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [*NEAREST_CASES, (8, 1, 4096, 64, 256), (4, 4, 1000, 32, 512)],
+                         ids=str)
+def test_cuda_nearest_code_kernel(case) -> None:
+    """On CUDA the dots are tf32x3 (about float32): chosen codes are nearest to within 1e-5 of
+    the mean squared distance, and differ from torch's float32 argmin on at most 0.1 % of rows
+    (near-ties)."""
+    from models._vq_nearest_triton import nearest_code_triton
+
+    bsz, heads, length, dim, size = case
+    gen = torch.Generator().manual_seed(length * dim)
+    k = torch.randn(bsz, heads, length, dim, generator=gen).cuda()
+    codebook = torch.randn(heads, size, dim, generator=gen).cuda()
+    errors = _nearest_errors(nearest_code_triton(k, codebook), k, codebook)
+    assert errors["excess"] <= 1e-5 and errors["mismatch"] <= 1e-3, errors
+    vq = VectorQuantizer(dim, size, heads=heads).cuda().eval()
+    assert vq.fused_nearest(k)  # "auto" picks the kernel on CUDA
+
+
+def test_nearest_impl_is_checked_and_auto_keeps_torch_on_cpu() -> None:
+    with pytest.raises(ValueError, match="nearest_impl='cuda'"):
+        VectorQuantizer(8, 16, nearest_impl="cuda")
+    vq = VectorQuantizer(8, 16)
+    assert not vq.fused_nearest(torch.randn(1, 1, 4, 8))  # CPU: the torch reference
+
+
+if __name__ == "__main__":
+    _interpreter_main()
