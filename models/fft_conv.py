@@ -11,9 +11,9 @@ of ``irfft`` and of both ``rfft`` calls adds Hermitian fix-ups (a complex zero-f
 the non-edge bins) and a physical ``conj`` of each saved spectrum. Measured on an H200 (LongVQ
 Text-4K, compiled, session 8): those complex elementwise kernels took about as long as the FFTs
 themselves. Here the backward is one FFT of dy, one product with the (small, batch-free) conj of
-the kernel's spectrum (which also carries the inverse FFT's 1/n, ``_kernel_spectrum``), one product-and-sum over the batch with conj(rfft(u)) (imaginary parts
-negated in place), and two inverse FFTs; the spectra of u and k are recomputed, not
-saved (see below).
+the kernel's spectrum (which also carries the inverse FFT's 1/n, ``_kernel_spectrum``), one
+product-and-sum over the batch with conj(rfft(u)) (imaginary parts negated in place), and two
+inverse FFTs; the spectra of u and k are recomputed, not saved (see below).
 ``fft_conv_ref`` keeps the autograd version; tests compare outputs and gradients.
 """
 
@@ -37,7 +37,14 @@ def fft_conv_ref(u: Tensor, k: Tensor, n: int) -> Tensor:
 # convolution (the ops before and after it fuse with their neighbours), and no complex tensor
 # ever enters the graph (inductor does not lower complex tensors on CUDA). The backward
 # recomputes the spectra of u and k instead of saving them: u is real and half the bytes of its
-# spectrum (and S4D keeps u for its D term anyway), for one more FFT of u per backward.
+# spectrum, for one more FFT of u per backward.
+#
+# The ops take and return signals of the FFT's full length n: ``fft_conv`` zero-pads u to n and
+# slices the output to L *outside* them. ``torch.fft.rfft(x, n)`` pads inside, as a fill of the
+# (B, H, n) buffer and a copy of x into it (two kernels on CUDA, each rfft of u and of dy: H200,
+# LongVQ Text-4K, ~14 us a pad, 6 a step). Outside, under torch.compile, the pad is written by
+# the kernel that makes u, and in the backward the slice's gradient (dy with zeros after L) by
+# the kernel that makes dy; the op's du of length n goes back through the pad's slice.
 def _first(y: Tensor, length: int) -> Tensor:
     """y[..., :length] of a contiguous (..., n) y: the layout (strides of n) the fake outputs
     promise to inductor, without copying the slice."""
@@ -57,20 +64,22 @@ def _kernel_spectrum(k: Tensor, n: int) -> Tensor:
 
 
 @torch.library.custom_op("longvq::fft_conv", mutates_args=())
-def _fft_conv_op(u: Tensor, k: Tensor, n: int) -> Tensor:
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * _kernel_spectrum(k, n), n=n, norm="forward")
-    return _first(y, u.size(-1))
+def _fft_conv_op(u: Tensor, k: Tensor) -> Tensor:
+    """Circular convolution of u (..., n) with k (H, Lk <= n) zero-padded to n: (..., n)."""
+    n = u.size(-1)
+    return torch.fft.irfft(torch.fft.rfft(u) * _kernel_spectrum(k, n), n=n, norm="forward")
 
 
 @_fft_conv_op.register_fake
-def _(u: Tensor, k: Tensor, n: int) -> Tensor:
-    return _first_fake(u, tuple(u.shape), n)
+def _(u: Tensor, k: Tensor) -> Tensor:
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("longvq::fft_conv_backward", mutates_args=())
-def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: bool,
+def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, need_du: bool,
                           need_dk: bool) -> tuple[Tensor, Tensor]:
-    """(du, dk); an unneeded one is an empty tensor.
+    """(du, dk) of the circular convolution, dy and u (..., n); an unneeded one is an empty
+    tensor.
 
     No conjugate *views* in here (``x.conj()``, ``linalg.vecdot``): run by a compiled graph,
     a custom op's body sees their conj bit ignored (torch 2.13, CPU: opcheck's AOT test gave
@@ -79,13 +88,14 @@ def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: boo
     view): one pass over the spectrum, where building the reversed signal (zeros, flip, cat;
     its rfft is conj(U)) cost three (H200, LongVQ Text-4K: 60 us per call).
     """
-    dy_f = torch.fft.rfft(dy, n=n)
+    n = u.size(-1)
+    dy_f = torch.fft.rfft(dy)
     du = dk = u.new_empty(0)
     if need_du:
         k_f = torch.conj_physical(_kernel_spectrum(k, n))
-        du = _first(torch.fft.irfft(dy_f * k_f, n=n, norm="forward"), u.size(-1))
+        du = torch.fft.irfft(dy_f * k_f, n=n, norm="forward")
     if need_dk:
-        u_conj = torch.fft.rfft(u, n=n)
+        u_conj = torch.fft.rfft(u)
         torch.view_as_real(u_conj)[..., 1].neg_()
         dk_f = (u_conj * dy_f).sum(0)  # sum_b conj(U) dY
         dk = _first(torch.fft.irfft(dk_f, n=n), k.size(-1))
@@ -93,30 +103,33 @@ def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: boo
 
 
 @_fft_conv_backward_op.register_fake
-def _(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: bool,
-      need_dk: bool) -> tuple[Tensor, Tensor]:
-    return (_first_fake(u, tuple(u.shape), n) if need_du else u.new_empty(0),
-            _first_fake(k, tuple(k.shape), n) if need_dk else k.new_empty(0))
+def _(dy: Tensor, u: Tensor, k: Tensor, need_du: bool, need_dk: bool) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(u, memory_format=torch.contiguous_format) if need_du
+            else u.new_empty(0),
+            _first_fake(k, tuple(k.shape), u.size(-1)) if need_dk else k.new_empty(0))
 
 
-def _setup_context(ctx, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:
-    u, k, n = inputs
-    ctx.save_for_backward(u, k)
-    ctx.n = n
+def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
     u, k = ctx.saved_tensors
     need_du, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    du, dk = _fft_conv_backward_op(dy, u, k, ctx.n, need_du, need_dk)
-    return (du if need_du else None), (dk if need_dk else None), None
+    du, dk = _fft_conv_backward_op(dy, u, k, need_du, need_dk)
+    return (du if need_du else None), (dk if need_dk else None)
 
 
 _fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fft_conv(u: Tensor, k: Tensor, n: int) -> Tensor:
+def fft_conv(u: Tensor, k: Tensor, n: int, skip: Tensor | None = None) -> Tensor:
     """Linear convolution via FFT of length ``n`` (>= L + Lk - 1 for no wrap-around):
     u (B, H, L), k (H, Lk) -> (B, H, L); same values as ``fft_conv_ref``, fewer backward ops,
-    and one node (no graph break) under torch.compile."""
-    return _fft_conv_op(u, k, n)
+    and one node (no graph break) under torch.compile, with the zero-padding and the slice
+    around it (see above). ``skip`` (H,): adds u * skip (S4D's D term), read from the padded
+    u, which the backward keeps anyway, so a compiled graph does not also keep u."""
+    length = u.size(-1)
+    padded = torch.nn.functional.pad(u, (0, n - length))
+    y = _fft_conv_op(padded, k)[..., :length]
+    return y if skip is None else y + padded[..., :length] * skip.unsqueeze(-1)

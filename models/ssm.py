@@ -353,9 +353,10 @@ class S4D(nn.Module):
             if self.last_conv == "chunked":
                 y = s4d_chunked_conv(x, *(p.to(x.dtype) for p in self.kernel.params()),
                                      gemm_dtype=gemm_dtype)
+                y = y + x * self.D.to(x.dtype).unsqueeze(-1)
             else:
-                y = fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length)
-            y = y + x * self.D.to(x.dtype).unsqueeze(-1)
+                y = fft_conv(x, self.conv_kernel(length).to(x.dtype), 2 * length,
+                             skip=self.D.to(x.dtype))
         return y.transpose(1, 2).to(u.dtype)
 
     def extra_repr(self) -> str:

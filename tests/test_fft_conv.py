@@ -84,13 +84,14 @@ def test_fft_conv_custom_ops_pass_opcheck(wants: tuple[bool, bool]) -> None:
     from models.fft_conv import _fft_conv_backward_op, _fft_conv_op
 
     gen = torch.Generator().manual_seed(2)
-    u = torch.randn(2, 3, 10, generator=gen, requires_grad=wants[0])
-    k = torch.randn(3, 20, generator=gen, requires_grad=wants[1])
-    torch.library.opcheck(_fft_conv_op, (u, k, 20))
+    u = torch.randn(2, 3, 20, generator=gen, requires_grad=wants[0])  # full FFT length n
+    k = torch.randn(3, 12, generator=gen, requires_grad=wants[1])
+    torch.library.opcheck(_fft_conv_op, (u, k))
     torch.library.opcheck(_fft_conv_op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2),
-                                         k.detach(), 21))
-    dy = torch.randn(2, 3, 10, generator=gen)
-    torch.library.opcheck(_fft_conv_backward_op, (dy, u.detach(), k.detach(), 20, *wants))
+                                         k.detach()))
+    torch.library.opcheck(_fft_conv_op, (u.detach()[..., :21 - 2], k.detach()))  # odd n
+    dy = torch.randn(2, 3, 20, generator=gen)
+    torch.library.opcheck(_fft_conv_backward_op, (dy, u.detach(), k.detach(), *wants))
 
 
 def test_s4d_fft_conv_is_not_a_graph_break() -> None:
