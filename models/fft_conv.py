@@ -41,8 +41,10 @@ def fft_conv_ref(u: Tensor, k: Tensor, n: int) -> Tensor:
 #
 # The ops take and return signals of the FFT's full length n: ``fft_conv`` zero-pads u to n and
 # slices the output to L *outside* them. ``torch.fft.rfft(x, n)`` pads inside, as a fill of the
-# (B, H, n) buffer and a copy of x into it (two kernels on CUDA, each rfft of u and of dy: H200,
-# LongVQ Text-4K, ~14 us a pad, 6 a step). Outside, under torch.compile, the pad is written by
+# (B, H, n) buffer and a copy of x into it: two kernels for each rfft of u (forward and
+# backward) and of dy (session 10's H200 profile of the LongVQ Text-4K step: 12 fill and 5 copy
+# kernels, 81 us a step; these six batch-sized pads are among them). Outside, under
+# torch.compile, the pad is written by
 # the kernel that makes u, and in the backward the slice's gradient (dy with zeros after L) by
 # the kernel that makes dy; the op's du of length n goes back through the pad's slice.
 def _first(y: Tensor, length: int) -> Tensor:
@@ -58,8 +60,9 @@ def _first_fake(like: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
 def _kernel_spectrum(k: Tensor, n: int) -> Tensor:
     """rfft(k, n) / n: the inverse FFT's 1/n folded into the small, batch-free kernel spectrum.
     The inverse transforms then run with ``norm="forward"`` (no scaling): torch applies an
-    inverse FFT's 1/n as a separate multiplication over its batch-sized output (on CUDA an
-    elementwise kernel after cuFFT's; H200, LongVQ Text-4K: 6 a step, ~10 us each)."""
+    inverse FFT's 1/n as a separate multiplication over its output (on CUDA an elementwise
+    kernel after cuFFT's; session 10's H200 profile of the LongVQ Text-4K step: 6 float
+    multiplications by a scalar, 63 us a step, one per irfft)."""
     return torch.fft.rfft(k, n=n) * (1.0 / n)
 
 
