@@ -414,8 +414,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--compile", action="store_true",
         help="wrap each model in torch.compile, compiled afresh per cell (recorded per row as "
         "compile; default off); the quantiser's codebook snapshot and update, the VQ attention "
-        "op and the chunked S4D's scan run eager as graph breaks; the FFT convolution is one "
-        "opaque custom op",
+        "op and the chunked S4D's scan run eager as graph breaks; the FFT convolution and (CUDA) "
+        "the quantiser's nearest-code kernel are opaque custom ops",
     )
     p_eff.add_argument(
         "--cuda-graph", action="store_true",
