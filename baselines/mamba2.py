@@ -60,6 +60,8 @@ class Mamba2Config(ModelConfig):
     dt_min: float = 0.001
     dt_max: float = 0.1
     use_fast_path: bool = True  # mamba_ssm.Mamba2 on CUDA when importable
+    # bidirectional on CUDA: the two directions' mamba_ssm modules on two streams at once
+    concurrent_directions: bool = True
 
     def validate(self) -> None:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):

@@ -321,6 +321,51 @@ def test_registry_model_uses_mamba_ssm_on_cuda(name, dtype):
     assert model.backend == "mamba_ssm"
 
 
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_concurrent_directions_match_sequential_on_cuda(kind):
+    """The bidirectional mixer's two directions on two streams give the sequential mixer's
+    output and gradients (x and every parameter), eagerly and replayed from a CUDA graph."""
+    official_cls, _, _, kwargs = official_pair(kind)
+    torch.manual_seed(3)
+    mixers = [ScanMixer(lambda: official_cls(**kwargs), True, MambaReference,
+                        mamba_reference_forward, "t", concurrent=c).cuda() for c in (False, True)]
+    mixers[1].load_state_dict(mixers[0].state_dict())
+    x = torch.randn(2, 300, kwargs["d_model"], device="cuda")
+    upstream = torch.randn_like(x)
+    results = []
+    for mixer in mixers:
+        leaf = x.clone().requires_grad_()
+        mixer(leaf).backward(upstream)
+        results.append([leaf.grad] + [p.grad for p in mixer.parameters()])
+        mixer.zero_grad(set_to_none=True)
+    for want, got in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # captured: the side stream forks from the capture stream and joins it
+    mixer, static_x = mixers[1], x.clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            mixer(static_x).backward(upstream)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    mixer.zero_grad(set_to_none=False)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        out = mixer(static_x)
+        out.backward(upstream)
+    for p in mixer.parameters():
+        p.grad.zero_()
+    static_x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_x.grad, results[0][0], rtol=1e-5, atol=1e-5)
+    for p, want in zip(mixer.parameters(), results[0][1:], strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-5)
+
+
 def test_shifted_tap_conv_equals_conv1d():
     """causal_depthwise_conv (a sum of shifted taps) is the padded, truncated Conv1d."""
     from models.selective_scan import causal_depthwise_conv
