@@ -35,7 +35,16 @@ def assert_close_max(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA_REASON = "needs CUDA"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs CUDA is also a ``gpu`` test, so ``pytest -m gpu`` (how the device
+    runs them) collects all of them, also those marked with ``requires_cuda`` alone."""
+    for item in items:
+        if any(mark.kwargs.get("reason") == CUDA_REASON for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 
 def registry_entries():
