@@ -31,12 +31,13 @@ random keys of the batch (count reset to the threshold). Choices of ours, docume
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from models._optional import importable
 
 __all__ = ["NEAREST_IMPLS", "VQOutput", "VectorQuantizer", "code_stats"]
 
@@ -44,14 +45,9 @@ NEAREST_IMPLS = ("auto", "torch", "triton")
 FUSED_NEAREST_MAX_DIM = 128  # the kernel keeps a (64, dim) tile of keys in registers
 
 
-@functools.cache
 def fused_nearest_available() -> bool:
     """Whether the Triton nearest-code kernel imports (the triton package and a working build)."""
-    try:
-        import models._vq_nearest_triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing package or broken install alike
-        return False
-    return True
+    return importable("models._vq_nearest_triton")
 
 
 # A custom op rather than a graph break: under torch.compile the quantiser's lookup, loss and

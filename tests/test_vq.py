@@ -305,6 +305,20 @@ def test_cuda_nearest_code_kernel(case) -> None:
     assert vq.fused_nearest(k)  # "auto" picks the kernel on CUDA
 
 
+def test_optional_imports_are_constants_to_dynamo() -> None:
+    """``importable`` answers once per module and traces as a constant (no graph break), so a
+    compiled model may ask it on every forward."""
+    from models._optional import importable
+
+    assert importable("math") and not importable("no_such_module_for_longvq")
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if importable("math") and not importable("no_such_module_for_longvq") else x
+
+    compiled = torch.compile(pick, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
+
+
 def test_nearest_impl_is_checked_and_auto_keeps_torch_on_cpu() -> None:
     with pytest.raises(ValueError, match="nearest_impl='cuda'"):
         VectorQuantizer(8, 16, nearest_impl="cuda")

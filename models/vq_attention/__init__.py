@@ -3,10 +3,10 @@ the fused Triton kernels (``triton.py``, imported only when used: triton is opti
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from models._optional import importable
 
 from ._common import check_choice, to_autocast_dtype
 from .linear import vq_attention_linear
@@ -18,14 +18,9 @@ __all__ = ["IMPLS", "kernel_inputs", "resolve_impl", "triton_available", "vq_att
 IMPLS = ("auto", "linear", "naive", "triton")
 
 
-@functools.cache
 def triton_available() -> bool:
     """Whether the Triton kernels import (the triton package and a working build)."""
-    try:
-        from . import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing package or broken install alike
-        return False
-    return True
+    return importable("models.vq_attention.triton")
 
 
 def resolve_impl(impl: str, q: Tensor) -> str:

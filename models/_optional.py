@@ -1,0 +1,21 @@
+"""Optional dependencies (triton, and our kernels built on it): whether they import."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+
+# A constant to dynamo: a compiled model evaluates it once while tracing, and the answer cannot
+# change within a process.
+@functools.cache
+@torch.compiler.assume_constant_result
+def importable(module: str) -> bool:
+    """Whether ``module`` imports: the package it needs is installed and its build works."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - missing package or broken install alike
+        return False
+    return True
