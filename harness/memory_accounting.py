@@ -18,7 +18,10 @@ The partitioner is the same code on every device, so a CPU run of a compiled mod
 what its CUDA run saves, except inside device-specific kernels (LongVQ's Triton VQ attention
 on CUDA also saves its per-chunk code cache; on CPU the linear op runs instead). On CUDA the
 allocator's peak over one step is measured too (what efficiency rows report): peak minus the
-resident state and the saved storages is the backward's temporaries plus allocator slack.
+resident state and the saved storages is the backward's temporaries plus allocator slack. And
+the allocator's own record of that step (``torch.cuda.memory._record_memory_history``) is
+replayed to the moment the step's allocations peak: the blocks alive then, summed by the line
+that allocated them (the first frame in this repository or in inductor's generated code).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +39,7 @@ from harness.registry import Entry
 from harness.report_doc import Table
 
 MIB = 2**20
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class MemoryAccount:
     by_module: dict[str, int] | None  # eager only: module -> saved storage bytes
     cuda_resident: int | None = None  # allocated before a step (CUDA)
     cuda_step_peak: int | None = None  # max allocated during one step (CUDA)
+    # the step's own allocations alive at their peak, by where they were made (CUDA)
+    cuda_peak_live: dict[str, int] | None = None
 
     @property
     def saved_bytes(self) -> int:
@@ -147,6 +154,60 @@ def saved_by_module(model: torch.nn.Module, resident: set[tuple[str, int]],
             handle.remove()
 
 
+def _allocated_at(event: dict[str, Any], root: str) -> str:
+    for frame in event.get("frames", []):
+        name = frame["filename"]
+        if name.startswith(root) or "torchinductor" in name:
+            return f"{name.rsplit('/', 1)[-1]}:{frame['line']} {frame['name']}"
+    frames = event.get("frames")
+    return "elsewhere: " + (frames[0]["name"] if frames else "?")
+
+
+def live_at_peak(trace: list[dict[str, Any]], root: str = REPO_ROOT) -> dict[str, int]:
+    """Replay an allocator trace (one device's ``torch.cuda.memory._snapshot()`` events:
+    "alloc" and "free_completed" with addr, size and Python frames) to the moment the
+    allocations it records peak; the bytes alive then, by where they were allocated (see
+    ``_allocated_at``). Blocks allocated before the trace began are not in it."""
+    live: dict[int, dict[str, Any]] = {}
+    current = best = best_at = 0
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > best:
+                best, best_at = current, i
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+    live.clear()
+    for event in trace[:best_at + 1]:  # again, up to the peak
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] == "free_completed":
+            live.pop(event["addr"], None)
+    groups: dict[str, int] = {}
+    for event in live.values():
+        where = _allocated_at(event, root)
+        groups[where] = groups.get(where, 0) + event["size"]
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def _cuda_step(step: Any, device: torch.device) -> tuple[int, int, dict[str, int]]:
+    """(allocated before, peak allocated, blocks alive at the peak by source) of one step."""
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak = torch.cuda.max_memory_allocated(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return resident, peak, live_at_peak(snapshot["device_traces"][index])
+
+
 def account_cell(entry: Entry, model_config: Any, cell: EfficiencyCell) -> MemoryAccount:
     """The resident state and the saved tensors of ``cell``'s training step (after its warm-up
     steps, so compiled graphs are built); on CUDA also the allocator's peak over one step. The
@@ -157,14 +218,9 @@ def account_cell(entry: Entry, model_config: Any, cell: EfficiencyCell) -> Memor
         built = build_step(entry, model_config, cell, device)
         for _ in range(max(1, cell.warmup)):
             built.step()
-        cuda_resident = cuda_peak = None
+        cuda_resident = cuda_peak = cuda_live = None
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            cuda_resident = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            built.step()
-            torch.cuda.synchronize(device)
-            cuda_peak = torch.cuda.max_memory_allocated(device)
+            cuda_resident, cuda_peak, cuda_live = _cuda_step(built.step, device)
         model = built.model
         resident = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
         by_module: dict[str, int] | None = None if cell.compile else {}
@@ -182,7 +238,7 @@ def account_cell(entry: Entry, model_config: Any, cell: EfficiencyCell) -> Memor
             gradients=sum(p.numel() * p.element_size() for p in params),
             optimizer_state=sum(t.numel() * t.element_size() for t in state),
             saved=saved, by_module=by_module, cuda_resident=cuda_resident,
-            cuda_step_peak=cuda_peak)
+            cuda_step_peak=cuda_peak, cuda_peak_live=cuda_live)
     finally:
         free_memory(device)
 
@@ -222,6 +278,13 @@ def memory_tables(account: MemoryAccount, caption: str, top: int = 20) -> list[T
             [name, _mib(size)] for name, size in
             sorted(account.by_module.items(), key=lambda kv: -kv[1])],
             caption="saved for backward, by the innermost module running when it was saved"))
+    if account.cuda_peak_live:
+        live = list(account.cuda_peak_live.items())
+        tables.append(Table(["allocated at", "MiB"], [
+            [where, _mib(size)] for where, size in live[:top]],
+            caption=f"CUDA: the step's allocations alive at their peak "
+                    f"({_mib(sum(account.cuda_peak_live.values()))} MiB), by where they were "
+                    f"allocated ({min(top, len(live))} of {len(live)} places)"))
     tables.append(Table(
         ["saved by", "shape", "dtype", "MiB", "storage MiB"],
         [[t.holder, "x".join(map(str, t.shape)) or "scalar", t.dtype, _mib(t.tensor_bytes),

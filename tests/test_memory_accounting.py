@@ -9,7 +9,13 @@ import torch
 import harness.measure
 from harness.cli import main
 from harness.measure import EfficiencyCell
-from harness.memory_accounting import account_cell, memory_tables, saved_for_backward
+from harness.memory_accounting import (
+    MemoryAccount,
+    account_cell,
+    live_at_peak,
+    memory_tables,
+    saved_for_backward,
+)
 from harness.registry import parse_model_spec
 
 MIB = 2**20
@@ -82,6 +88,36 @@ def test_compiled_graphs_are_the_holders(monkeypatch, one_thread):
     holders = {t.holder for t in account.saved}
     assert any(h.startswith("compiled graph 1 of ") for h in holders), holders
     assert account.saved_bytes > 0
+
+
+def _event(action: str, addr: int, size: int, filename: str, line: int) -> dict:
+    return {"action": action, "addr": addr, "size": size,
+            "frames": [{"filename": "/usr/lib/torch/x.py", "line": 1, "name": "inner"},
+                       {"filename": filename, "line": line, "name": "fn"}]}
+
+
+def test_allocator_trace_replayed_to_its_peak():
+    """The blocks alive when the traced allocations peak, by the first frame in the repository
+    (or in inductor's generated code): not those freed before, nor those made after."""
+    root = "/repo"
+    trace = [
+        _event("alloc", 1, 100, "/repo/models/a.py", 10),
+        _event("alloc", 2, 50, "/tmp/torchinductor_x/cabc.py", 7),
+        _event("free_completed", 1, 100, "/repo/models/a.py", 10),
+        _event("alloc", 3, 300, "/repo/models/b.py", 20),
+        _event("alloc", 4, 20, "/repo/models/b.py", 20),  # the peak: 50 + 300 + 20
+        _event("free_completed", 3, 300, "/repo/models/b.py", 20),
+        _event("alloc", 5, 200, "/elsewhere/lib.py", 3),  # after the peak (220 + 50 < 370)
+        {"action": "free_completed", "addr": 99, "size": 8, "frames": []},  # made before
+    ]
+    live = live_at_peak(trace, root)
+    assert live == {"b.py:20 fn": 320, "cabc.py:7 fn": 50}
+    account = MemoryAccount(1, 1, 2, [], None, cuda_resident=10, cuda_step_peak=400,
+                            cuda_peak_live=live)
+    tables = memory_tables(account, "c", top=1)
+    peak_table = next(t for t in tables if t.header[0] == "allocated at")
+    assert peak_table.rows == [["b.py:20 fn", "0.0"]] and "370" not in peak_table.caption
+    assert "1 of 2 places" in peak_table.caption
 
 
 def test_memory_flag_writes_tables(tmp_path, capsys, one_thread):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # staged in session 11 (no GPU lent): all 90 GPU tests first (session 10's dk/dv split d64e4cd
 # and review 918aeea, and session 11's nearest-code kernel, FFT conv changes and concurrent
-# Mamba directions are not yet run on a GPU), then the dk/dv A/B against d8e9ffd's kernels, a 4K
-# LongVQ profile and the CUDA memory accounting (efficiency --memory) of LongVQ and SDPA
+# Mamba directions are not yet run on a GPU), then the dk/dv A/B against d8e9ffd's kernels and a
+# 4K LongVQ profile
 export LONGVQ_GIT_COMMIT=$(cat .gpu-runs/commit)
 export PYTHONPATH=$PWD:$PWD/.gpu-runs
 export TRITON_CACHE_AUTOTUNING=1
@@ -27,6 +27,3 @@ sed -i 's/^from \.\(_\?[a-z_]*\) import/from models.vq_attention.\1 import/; s/ 
 t timeout -k 5 90 python .gpu-runs/vq_dkdv_ab.py 4096 65536 > $W/vq_dkdv_ab.log 2>&1
 P="python run_bench.py efficiency --device cuda --compile --set d_model=128 n_layers=2 d_ffn=256 n_heads=4 vocab_size=257 n_classes=2 --warmup 3 --steps 5 --profile-top 60"
 t timeout -k 5 70 $P --profile 'longvq[key_grad=window]' --lengths 4096 --batch 8 --out $W/prof4k > $W/prof4k.log 2>&1
-for m in 'longvq[key_grad=window]' transformer_sdpa; do
-  t timeout -k 5 70 python run_bench.py efficiency --device cuda --preset paper-text4k --compile --memory "$m" --profile-top 40 --out $W/memory > $W/memory_$(echo $m | tr -c 'a-z_\n' '_').log 2>&1
-done

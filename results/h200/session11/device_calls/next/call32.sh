@@ -4,8 +4,8 @@
 # without session 11's model changes (session11_models.patch reverted: the nearest-code kernel,
 # the FFT's 1/n fold and its padding outside the op), then also without session 10's casts and
 # FFT layout (casts_layout.patch: c432276 + d8e9ffd, less the kernel_inputs helper that 918aeea
-# rewrote); then Mamba's growth 8K -> 64K with the directions on two streams (the default) and
-# without; then the allocator's view of the LongVQ step's peak (mem_breakdown.py, 150 s)
+# rewrote); then the CUDA memory accounting of LongVQ and SDPA (efficiency --memory: saved
+# tensors, and the allocator's blocks alive at the step's peak, by source line)
 export LONGVQ_GIT_COMMIT=$(cat .gpu-runs/commit)
 export PYTHONPATH=$PWD
 export TRITON_CACHE_AUTOTUNING=1
@@ -17,7 +17,6 @@ rm -rf /tmp/b1 && cp -r . /tmp/b1 && (cd /tmp/b1 && patch -p1 -R < .gpu-runs/ses
 (cd /tmp/b1 && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-without-session11-models" PYTHONPATH=/tmp/b1 t timeout -k 5 80 python run_bench.py efficiency $M --models 'longvq[key_grad=window]' --store $W/eff_b1.db --out $W/text4k-without-s11 > $W/text4k-without-s11.log 2>&1)
 rm -rf /tmp/b2 && cp -r /tmp/b1 /tmp/b2 && (cd /tmp/b2 && patch -p1 -R < .gpu-runs/casts_layout.patch > $W/patch_b2.log 2>&1)
 (cd /tmp/b2 && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-without-s11-c432276-d8e9ffd" PYTHONPATH=/tmp/b2 t timeout -k 5 80 python run_bench.py efficiency $M --models 'longvq[key_grad=window]' --store $W/eff_b2.db --out $W/text4k-without-s11-casts > $W/text4k-without-s11-casts.log 2>&1)
-S="--device cuda --preset scaling --compile --cuda-graph --lengths 8192,65536 --models mamba"
-LONGVQ_TRITON_AUTOTUNE=0 t timeout -k 5 70 python run_bench.py efficiency $S --store $W/mamba.db --out $W/mamba-concurrent > $W/mamba-concurrent.log 2>&1
-LONGVQ_TRITON_AUTOTUNE=0 t timeout -k 5 70 python run_bench.py efficiency $S --set concurrent_directions=false --store $W/mamba.db --out $W/mamba-sequential > $W/mamba-sequential.log 2>&1
-LONGVQ_TRITON_AUTOTUNE=0 t timeout -k 5 150 python .gpu-runs/mem_breakdown.py 'longvq[key_grad=window]' 4096 8 > $W/mem_longvq.log 2>&1
+for m in 'longvq[key_grad=window]' transformer_sdpa; do
+  LONGVQ_TRITON_AUTOTUNE=0 t timeout -k 5 120 python run_bench.py efficiency --device cuda --preset paper-text4k --compile --memory "$m" --profile-top 40 --out $W/memory > $W/memory_$(echo $m | tr -c 'a-z_\n' '_').log 2>&1
+done
