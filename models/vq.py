@@ -238,7 +238,12 @@ class VectorQuantizer(nn.Module):
         if update:
             # keys for the EMA and sampling: float32, no graph, (H, B*L, dim)
             flat = k.detach().float().transpose(0, 1).reshape(heads, bsz * length, dim)
-            self._update(flat, flat_codes, weights, counts, generator)
+            # per-code sums of the assigned keys by scatter-add (no one-hot (N, S) matrix),
+            # here rather than in the eager update: a compiled model fuses them
+            kept = flat if mask is None else flat * weights[None, :, None]
+            sums = torch.zeros(heads, self.codebook_size, dim, device=k.device).scatter_add(
+                1, flat_codes.unsqueeze(-1).expand(-1, -1, dim), kept)
+            self._update(flat, sums, weights, counts, generator)
         if stats:
             self.last_stats = dict(stats)
         return VQOutput(k_hat, codes, commit_loss, codebook, utilisation, perplexity, stats)
@@ -248,14 +253,14 @@ class VectorQuantizer(nn.Module):
         return self.codebook.float().clone()
 
     @torch.compiler.disable
-    def _update(self, flat: Tensor, flat_codes: Tensor, weights: Tensor, counts: Tensor,
+    def _update(self, flat: Tensor, sums: Tensor, weights: Tensor, counts: Tensor,
                 generator: torch.Generator | None) -> None:
         # Data init happens after this batch is quantised: codes built from the batch's own keys
         # would let a causal model's early positions see later ones on its first step.
         if self.init_from_batch and not self._is_initialised():
             self._init_from(flat, weights, generator)
         else:
-            self._ema_update(flat, flat_codes, weights, counts, generator)
+            self._ema_update(flat, sums, weights, counts, generator)
 
     def _is_initialised(self) -> bool:
         if not self._initialised_seen:
@@ -299,16 +304,12 @@ class VectorQuantizer(nn.Module):
     def _ema_update(
         self,
         flat: Tensor,
-        flat_codes: Tensor,
+        sums: Tensor,
         weights: Tensor,
         counts: Tensor,
         generator: torch.Generator | None,
     ) -> None:
-        # Per-code sums of assigned keys by scatter-add (no one-hot (N, S) matrix).
-        sums = torch.zeros(self.heads, self.codebook_size, self.dim, device=flat.device)
-        index = flat_codes.unsqueeze(-1).expand(-1, -1, self.dim)
-        sums.scatter_add_(1, index, flat * weights[None, :, None])
-
+        """One EMA k-means step from this batch's per-code counts and key sums (H, S(, dim))."""
         cluster_size = self.cluster_size.float().lerp(counts, 1.0 - self.decay)
         embed_sum = self.embed_sum.float().lerp(sums, 1.0 - self.decay)
         total = cluster_size.sum(-1, keepdim=True)
