@@ -39,14 +39,14 @@ def fft_conv_ref(u: Tensor, k: Tensor, n: int) -> Tensor:
 # recomputes the spectra of u and k instead of saving them: u is real and half the bytes of its
 # spectrum, for one more FFT of u per backward.
 #
-# The ops take and return signals of the FFT's full length n: ``fft_conv`` zero-pads u to n and
-# slices the output to L *outside* them. ``torch.fft.rfft(x, n)`` pads inside, as a fill of the
-# (B, H, n) buffer and a copy of x into it: two kernels for each rfft of u (forward and
-# backward) and of dy (session 10's H200 profile of the LongVQ Text-4K step: 12 fill and 5 copy
-# kernels, 81 us a step; these six batch-sized pads are among them). Outside, under
-# torch.compile, the pad is written by
-# the kernel that makes u, and in the backward the slice's gradient (dy with zeros after L) by
-# the kernel that makes dy; the op's du of length n goes back through the pad's slice.
+# The ops read u of any length up to the FFT's n and return y of u's length: ``rfft(x, n)`` pads
+# a shorter x inside, as a fill of the (B, H, n) buffer and a copy of x into it, two kernels for
+# each rfft of u (forward and backward) and of dy (session 10's H200 profile of the LongVQ
+# Text-4K step: 12 fill and 5 copy kernels, 81 us a step; these six batch-sized pads are among
+# them). So under torch.compile ``fft_conv`` pads u to n and slices y *outside* the op: the
+# kernel that makes u writes the padding, and in the backward the slice's gradient (dy with
+# zeros after L) comes from the kernel that makes dy. Eager, it passes u unpadded: the op then
+# keeps u, not its padded copy, for the backward (the pads cost the same either way there).
 def _first(y: Tensor, length: int) -> Tensor:
     """y[..., :length] of a contiguous (..., n) y: the layout (strides of n) the fake outputs
     promise to inductor, without copying the slice."""
@@ -67,21 +67,22 @@ def _kernel_spectrum(k: Tensor, n: int) -> Tensor:
 
 
 @torch.library.custom_op("longvq::fft_conv", mutates_args=())
-def _fft_conv_op(u: Tensor, k: Tensor) -> Tensor:
-    """Circular convolution of u (..., n) with k (H, Lk <= n) zero-padded to n: (..., n)."""
-    n = u.size(-1)
-    return torch.fft.irfft(torch.fft.rfft(u) * _kernel_spectrum(k, n), n=n, norm="forward")
+def _fft_conv_op(u: Tensor, k: Tensor, n: int) -> Tensor:
+    """The first u.size(-1) values of the length-n circular convolution of u (..., <= n) and k
+    (H, Lk <= n), both zero-padded to n."""
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * _kernel_spectrum(k, n), n=n, norm="forward")
+    return _first(y, u.size(-1))
 
 
 @_fft_conv_op.register_fake
-def _(u: Tensor, k: Tensor) -> Tensor:
-    return torch.empty_like(u, memory_format=torch.contiguous_format)
+def _(u: Tensor, k: Tensor, n: int) -> Tensor:
+    return _first_fake(u, tuple(u.shape), n)
 
 
 @torch.library.custom_op("longvq::fft_conv_backward", mutates_args=())
-def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, need_du: bool,
+def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: bool,
                           need_dk: bool) -> tuple[Tensor, Tensor]:
-    """(du, dk) of the circular convolution, dy and u (..., n); an unneeded one is an empty
+    """(du, dk) of ``_fft_conv_op``: dy and du of u's length; an unneeded one is an empty
     tensor.
 
     No conjugate *views* in here (``x.conj()``, ``linalg.vecdot``): run by a compiled graph,
@@ -91,14 +92,13 @@ def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, need_du: bool,
     view): one pass over the spectrum, where building the reversed signal (zeros, flip, cat;
     its rfft is conj(U)) cost three (H200, LongVQ Text-4K: 60 us per call).
     """
-    n = u.size(-1)
-    dy_f = torch.fft.rfft(dy)
+    dy_f = torch.fft.rfft(dy, n=n)
     du = dk = u.new_empty(0)
     if need_du:
         k_f = torch.conj_physical(_kernel_spectrum(k, n))
-        du = torch.fft.irfft(dy_f * k_f, n=n, norm="forward")
+        du = _first(torch.fft.irfft(dy_f * k_f, n=n, norm="forward"), u.size(-1))
     if need_dk:
-        u_conj = torch.fft.rfft(u)
+        u_conj = torch.fft.rfft(u, n=n)
         torch.view_as_real(u_conj)[..., 1].neg_()
         dk_f = (u_conj * dy_f).sum(0)  # sum_b conj(U) dY
         dk = _first(torch.fft.irfft(dk_f, n=n), k.size(-1))
@@ -106,21 +106,23 @@ def _fft_conv_backward_op(dy: Tensor, u: Tensor, k: Tensor, need_du: bool,
 
 
 @_fft_conv_backward_op.register_fake
-def _(dy: Tensor, u: Tensor, k: Tensor, need_du: bool, need_dk: bool) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(u, memory_format=torch.contiguous_format) if need_du
-            else u.new_empty(0),
-            _first_fake(k, tuple(k.shape), u.size(-1)) if need_dk else k.new_empty(0))
+def _(dy: Tensor, u: Tensor, k: Tensor, n: int, need_du: bool,
+      need_dk: bool) -> tuple[Tensor, Tensor]:
+    return (_first_fake(u, tuple(u.shape), n) if need_du else u.new_empty(0),
+            _first_fake(k, tuple(k.shape), n) if need_dk else k.new_empty(0))
 
 
-def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
+def _setup_context(ctx, inputs: tuple[Tensor, Tensor, int], output: Tensor) -> None:
+    u, k, n = inputs
+    ctx.save_for_backward(u, k)
+    ctx.n = n
 
 
-def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     u, k = ctx.saved_tensors
     need_du, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    du, dk = _fft_conv_backward_op(dy, u, k, need_du, need_dk)
-    return (du if need_du else None), (dk if need_dk else None)
+    du, dk = _fft_conv_backward_op(dy, u, k, ctx.n, need_du, need_dk)
+    return (du if need_du else None), (dk if need_dk else None), None
 
 
 _fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -130,9 +132,9 @@ def fft_conv(u: Tensor, k: Tensor, n: int, skip: Tensor | None = None) -> Tensor
     """Linear convolution via FFT of length ``n`` (>= L + Lk - 1 for no wrap-around):
     u (B, H, L), k (H, Lk) -> (B, H, L); same values as ``fft_conv_ref``, fewer backward ops,
     and one node (no graph break) under torch.compile, with the zero-padding and the slice
-    around it (see above). ``skip`` (H,): adds u * skip (S4D's D term), read from the padded
-    u, which the backward keeps anyway, so a compiled graph does not also keep u."""
+    around it there (see above). ``skip`` (H,): adds u * skip (S4D's D term), read from the
+    u the op keeps (compiled: the padded one), so the backward does not also keep another."""
     length = u.size(-1)
-    padded = torch.nn.functional.pad(u, (0, n - length))
-    y = _fft_conv_op(padded, k)[..., :length]
-    return y if skip is None else y + padded[..., :length] * skip.unsqueeze(-1)
+    source = torch.nn.functional.pad(u, (0, n - length)) if torch.compiler.is_compiling() else u
+    y = _fft_conv_op(source, k, n)[..., :length]
+    return y if skip is None else y + source[..., :length] * skip.unsqueeze(-1)

@@ -47,6 +47,44 @@ def test_fft_conv_one_input_needing_grad(wants: tuple[bool, bool]) -> None:
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize(("length", "k_length", "n"), [(37, 74, 74), (64, 16, 80), (33, 20, 65)])
+def test_compiled_fft_conv_pads_outside_and_matches_reference(length: int, k_length: int,
+                                                              n: int) -> None:
+    """Traced (aot_eager), ``fft_conv`` pads u to n and slices y outside the op: the op sees
+    length-n signals in the forward and the backward (dy with zeros after L), and the output,
+    du, dk and the skip term's gradient equal the autograd reference's (random upstream)."""
+    gen = torch.Generator().manual_seed(n)
+    u = torch.randn(2, 5, length, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, k_length, generator=gen, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 5, length, generator=gen, dtype=torch.float64)
+    leaves = (u, k, skip)
+    want = fft_conv_ref(u, k, n) + u * skip[:, None]
+    grads_want = torch.autograd.grad(want, leaves, dy)
+    import models.fft_conv as module
+
+    lengths: list[int] = []
+    original = module._fft_conv_backward_op
+
+    def recording(dy_, u_, *rest):
+        lengths.extend([dy_.shape[-1], u_.shape[-1]])
+        return original(dy_, u_, *rest)
+
+    torch._dynamo.reset()
+    try:
+        module._fft_conv_backward_op = recording
+        got = torch.compile(lambda *x: fft_conv(x[0], x[1], n, skip=x[2]),
+                            backend="aot_eager", fullgraph=True)(*leaves)
+        grads = torch.autograd.grad(got, leaves, dy)
+    finally:
+        module._fft_conv_backward_op = original
+        torch._dynamo.reset()
+    assert lengths == [n, n]
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, grads_want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_fft_conv_is_the_linear_convolution() -> None:
     """Against the direct sum, so a wrong n or slice in both paths cannot pass together."""
     gen = torch.Generator().manual_seed(1)
@@ -84,14 +122,18 @@ def test_fft_conv_custom_ops_pass_opcheck(wants: tuple[bool, bool]) -> None:
     from models.fft_conv import _fft_conv_backward_op, _fft_conv_op
 
     gen = torch.Generator().manual_seed(2)
-    u = torch.randn(2, 3, 20, generator=gen, requires_grad=wants[0])  # full FFT length n
-    k = torch.randn(3, 12, generator=gen, requires_grad=wants[1])
-    torch.library.opcheck(_fft_conv_op, (u, k))
+    u = torch.randn(2, 3, 10, generator=gen, requires_grad=wants[0])
+    k = torch.randn(3, 20, generator=gen, requires_grad=wants[1])
+    torch.library.opcheck(_fft_conv_op, (u, k, 20))  # eager: padded inside
     torch.library.opcheck(_fft_conv_op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2),
-                                         k.detach()))
-    torch.library.opcheck(_fft_conv_op, (u.detach()[..., :21 - 2], k.detach()))  # odd n
-    dy = torch.randn(2, 3, 20, generator=gen)
-    torch.library.opcheck(_fft_conv_backward_op, (dy, u.detach(), k.detach(), *wants))
+                                         k.detach(), 21))
+    full = torch.randn(2, 3, 20, generator=gen, requires_grad=wants[0])  # compiled: u of length n
+    torch.library.opcheck(_fft_conv_op, (full, k, 20))
+    dy = torch.randn(2, 3, 10, generator=gen)
+    torch.library.opcheck(_fft_conv_backward_op, (dy, u.detach(), k.detach(), 20, *wants))
+    torch.library.opcheck(_fft_conv_backward_op,
+                          (torch.randn(2, 3, 20, generator=gen), full.detach(), k.detach(), 20,
+                           *wants))
 
 
 def test_s4d_fft_conv_is_not_a_graph_break() -> None:
