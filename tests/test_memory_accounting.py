@@ -144,3 +144,20 @@ def test_memory_flag_errors(tmp_path, capsys, argv, message):
     code = main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
                  "--store", str(tmp_path / "b.db"), *argv])
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_account_has_the_allocator_peak_and_what_is_alive_there():
+    spec = parse_model_spec("longvq[key_grad=window]")
+    config = spec.entry.make_config(d_model=64, n_layers=2, n_heads=2, d_ffn=128,
+                                    **dict(spec.overrides))
+    account = account_cell(spec.entry, config,
+                           EfficiencyCell(spec.label, 1024, 4, "cuda", "bf16", warmup=2))
+    assert account.cuda_resident is not None and account.cuda_step_peak is not None
+    assert account.cuda_step_peak > account.cuda_resident
+    live = account.cuda_peak_live
+    assert live and sum(live.values()) <= account.cuda_step_peak
+    # the step's activations were allocated in this repository's code or inductor's
+    assert any(not where.startswith("elsewhere") for where in live)
+    assert account.saved_bytes <= account.cuda_step_peak
