@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# staged in session 11 (no GPU lent): all 90 GPU tests first (session 10's dk/dv split d64e4cd
+# staged in session 11 (no GPU lent): all 91 GPU tests first (session 10's dk/dv split d64e4cd
 # and review 918aeea, and session 11's nearest-code kernel, FFT conv changes and concurrent
 # Mamba directions are not yet run on a GPU), then the dk/dv A/B against d8e9ffd's kernels and a
 # 4K LongVQ profile
