@@ -88,6 +88,16 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return str(t.device), t.untyped_storage().data_ptr()
 
 
+def _new_storage_bytes(t: torch.Tensor, counted: set[tuple[str, int]]) -> int:
+    """The bytes of t's storage the first time it is met (then remembered in ``counted``),
+    0 after that and for empty storages: each storage counts once, at its full size."""
+    key, size = _storage_key(t), t.untyped_storage().nbytes()
+    if key in counted or size == 0:
+        return 0
+    counted.add(key)
+    return size
+
+
 def _holder_names(nodes: list[Any]) -> dict[Any, str]:
     """Node -> label; compiled graphs are numbered in forward (creation) order."""
     compiled = sorted((n for n in nodes if type(n).__name__ == "CompiledFunctionBackward"),
@@ -112,13 +122,10 @@ def saved_for_backward(loss: torch.Tensor, resident: set[tuple[str, int]]) -> li
     saved = []
     for node in sorted(nodes, key=lambda n: n._sequence_nr()):
         for t in _tensors_of(node):
-            key = _storage_key(t)
-            storage = t.untyped_storage().nbytes()
-            if key in counted or storage == 0:
-                continue
-            counted.add(key)
-            saved.append(SavedTensor(names[node], tuple(t.shape), str(t.dtype).removeprefix(
-                "torch."), t.numel() * t.element_size(), storage))
+            storage = _new_storage_bytes(t, counted)
+            if storage:
+                saved.append(SavedTensor(names[node], tuple(t.shape), str(t.dtype).removeprefix(
+                    "torch."), t.numel() * t.element_size(), storage))
     return sorted(saved, key=lambda t: -t.storage_bytes)
 
 
@@ -139,11 +146,10 @@ def saved_by_module(model: torch.nn.Module, resident: set[tuple[str, int]],
         handles.append(module.register_forward_hook(leave))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in counted and t.untyped_storage().nbytes():
-            counted.add(key)
+        storage = _new_storage_bytes(t, counted)
+        if storage:
             where = running[-1] if running else "(outside the model: loss)"
-            into[where] = into.get(where, 0) + t.untyped_storage().nbytes()
+            into[where] = into.get(where, 0) + storage
         return t
 
     try:

@@ -257,69 +257,75 @@ def safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
 
 
+def _cell_label(cell, graphed: bool) -> str:
+    return f"{escape(cell.model)} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
+        " compiled" if cell.compile else "") + (" CUDA graph" if graphed else "")
+
+
+def _one_model_failed(what: str, exc: Exception, console: Console) -> int:
+    """--profile / --memory could not run: one line, status as a cell's would be; exit 1."""
+    from harness.measure import is_oom
+
+    status = "oom" if is_oom(exc) else "error"
+    console.print(f"[red]{what} {status}[/red]: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+    return 1
+
+
+def _show_tables(tables, rows, out_dir: Path | None, stem: str, console: Console,
+                 categories=None) -> int:
+    """Print the tables; with --out also write them (md) and ``rows`` (csv) under ``stem``."""
+    from harness.report_efficiency import write_profile_files
+
+    for block in tables:
+        console.print(rich_table(block))
+    if out_dir is not None:
+        paths = write_profile_files(rows, tables, out_dir / stem, categories)
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) -> int:
     """--profile MODEL: torch.profiler over the cell's timed steps; the top-``top`` table and
     every kernel summed by category (no store row)."""
-    from harness.measure import is_oom, profile_cell
-    from harness.report_efficiency import (
-        profile_category_table,
-        profile_table,
-        write_profile_files,
-    )
+    from harness.measure import profile_cell
+    from harness.report_efficiency import profile_category_table, profile_table
 
     cell = planned.cell
-    label = f"{escape(cell.model)} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
-        " compiled" if cell.compile else "") + (" CUDA graph" if cell.cuda_graph else "")
+    label = _cell_label(cell, cell.cuda_graph)
     console.print(f"[bold]profile[/bold] {label} on {cell.device}: {cell.warmup} warm-up, "
                   f"{cell.steps} profiled training steps")
     try:
         found = profile_cell(planned.entry, planned.model_config, cell, top=top)
     except Exception as exc:  # noqa: BLE001 - reported as one line, like a cell's status
-        status = "oom" if is_oom(exc) else "error"
-        console.print(f"[red]profile {status}[/red]: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        return 1
+        return _one_model_failed("profile", exc, console)
     tables = [profile_table(found.rows, f"top {len(found.rows)} {found.what}, {label}, "
                                         f"{cell.steps} steps"),
               profile_category_table(found.categories, found.total_ms_per_step,
                                      f"all {found.events} by category, per step")]
-    for block in tables:
-        console.print(rich_table(block))
-    if out_dir is not None:
-        stem = f"profile_{safe_name(cell.model)}_L{cell.seq_len}"
-        paths = write_profile_files(found.rows, tables, out_dir / stem, found.categories)
-        console.print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return _show_tables(tables, found.rows, out_dir,
+                        f"profile_{safe_name(cell.model)}_L{cell.seq_len}", console,
+                        found.categories)
 
 
 def run_memory(planned, out_dir: Path | None, console: Console, top: int = 20) -> int:
     """--memory MODEL: the resident state and the tensors saved for the backward of the cell's
-    training step (harness/memory_accounting.py; no store row)."""
-    from harness.measure import is_oom
+    training step (harness/memory_accounting.py; no store row). The step runs without a CUDA
+    graph, which would hide its autograd graph."""
     from harness.memory_accounting import account_cell, memory_tables, saved_rows
-    from harness.report_efficiency import write_profile_files
 
     cell = planned.cell
-    label = f"{escape(cell.model)} L={cell.seq_len} B={cell.batch} {cell.dtype}" + (
-        " compiled" if cell.compile else "")
+    label = _cell_label(cell, graphed=False)
     console.print(f"[bold]memory[/bold] {label} on {cell.device}: {max(1, cell.warmup)} "
                   "warm-up steps, then one forward whose saved tensors are counted")
     try:
         account = account_cell(planned.entry, planned.model_config, cell)
     except Exception as exc:  # noqa: BLE001 - reported as one line, like a cell's status
-        status = "oom" if is_oom(exc) else "error"
-        console.print(f"[red]memory {status}[/red]: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        return 1
+        return _one_model_failed("memory", exc, console)
     tables = memory_tables(account, f"memory of one training step, {label}, {cell.device}",
                            top)
-    for block in tables:
-        console.print(rich_table(block))
-    if out_dir is not None:
-        stem = f"memory_{safe_name(cell.model)}_L{cell.seq_len}"
-        paths = write_profile_files(saved_rows(account), tables, out_dir / stem)
-        console.print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return _show_tables(tables, saved_rows(account), out_dir,
+                        f"memory_{safe_name(cell.model)}_L{cell.seq_len}", console)
 
 
 def print_efficiency_table(frame, console: Console) -> None:
