@@ -369,7 +369,7 @@ class ScanMixer(nn.Module):
         main = torch.cuda.current_stream(x.device)
         side = self._side_streams.get(x.device)
         if side is None:
-            side = self._side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            side = self._side_streams[x.device] = torch.cuda.Stream(x.device)
         reversed_x = x.flip(1)
         side.wait_stream(main)
         with torch.cuda.stream(side):

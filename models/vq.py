@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from models._optional import importable
+from models.vq_attention._common import check_choice
 
 __all__ = ["NEAREST_IMPLS", "VQOutput", "VectorQuantizer", "code_stats"]
 
@@ -125,9 +126,7 @@ class VectorQuantizer(nn.Module):
         nearest_impl: str = "auto",
     ) -> None:
         super().__init__()
-        if nearest_impl not in NEAREST_IMPLS:
-            raise ValueError(f"nearest_impl={nearest_impl!r}; choose one of "
-                             f"{', '.join(NEAREST_IMPLS)}")
+        check_choice("nearest_impl", nearest_impl, NEAREST_IMPLS)
         self.nearest_impl = nearest_impl
         self.dim, self.codebook_size, self.heads = dim, codebook_size, heads
         self.decay, self.eps, self.commitment = decay, eps, commitment
