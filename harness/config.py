@@ -31,6 +31,17 @@ class ModelConfig:
     n_classes: int = 10
     max_len: int = 1 << 17  # only used by models with absolute positions
     dropout: float = 0.0
+    # Compiled training steps only (efficiency --compile): the share of the activations
+    # torch.compile saves by default that its backward may keep (AOTAutograd's
+    # activation_memory_budget: below 1 the partitioner recomputes the cheapest ops in the
+    # backward instead of saving their outputs; 0 is full activation checkpointing). 1.0:
+    # torch's default. Out of the store key at 1.0, so rows written before it keep their keys.
+    activation_memory_budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.activation_memory_budget <= 1.0:
+            raise ValueError(f"activation_memory_budget={self.activation_memory_budget!r} must "
+                             "be in [0, 1]")
 
     @property
     def causal(self) -> bool:
@@ -42,7 +53,16 @@ class ModelConfig:
         return apply_overrides(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        described = dataclasses.asdict(self)
+        if described["activation_memory_budget"] == 1.0:
+            del described["activation_memory_budget"]
+        return described
+
+    def check_memory_budget(self, compiled: bool) -> None:
+        """A budget below 1 changes compiled steps only: elsewhere it would do nothing."""
+        if self.activation_memory_budget < 1.0 and not compiled:
+            raise ValueError(f"activation_memory_budget={self.activation_memory_budget} applies "
+                             "to compiled training steps only: add --compile (efficiency)")
 
 
 def field_names(cfg: ModelConfig | type[ModelConfig]) -> list[str]:

@@ -30,6 +30,9 @@ With ``--models all`` (the default) both presets add ``variants``: LongVQ and Tr
 defaults (``key_grad=ste``: the exact straight-through gradient of the quadratic formula, whose
 backward is O(L^2), models/vq_attention/triton.py). The paper claims linear-time training, so
 its speed figures are the ``[key_grad=window]`` rows; the default rows say what exactness costs.
+With ``--compile`` paper-text4k also adds ``compiled_variants``: LongVQ[key_grad=window] whose
+compiled backward recomputes cheap ops to keep half the activations
+(``activation_memory_budget=0.5``), the memory-lean row of the paper's table.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ REFERENCE_MODELS = ("transformer_vanilla", "transformer_sdpa")
 # blocks only, models/vq_attention) is what a linear-time speed claim measures: both are rows.
 VQ_WINDOW_VARIANTS = ("longvq[key_grad=window]", "transformer_vq[key_grad=window]")
 CROSSOVER_REFERENCE = "transformer_sdpa"
+# With --compile, the Text-4K table also has LongVQ trading recomputation for memory: its
+# compiled backward keeps half of what the partitioner saves by default (ModelConfig's
+# activation_memory_budget; the recomputed ops are the cheap elementwise ones).
+LEAN_VARIANTS = ("longvq[key_grad=window;activation_memory_budget=0.5]",)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class EfficiencyPreset:
     crossover: bool = False  # report the crossover length vs transformer_sdpa
     # model variants added to --models all (harness/registry.py ModelSpec), reported by label
     variants: tuple[str, ...] = VQ_WINDOW_VARIANTS
+    compiled_variants: tuple[str, ...] = ()  # added to --models all only with --compile
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -104,7 +112,7 @@ PRESETS: dict[str, EfficiencyPreset] = {
         description="LRA Text setting (L=4096, byte vocab, classification): the paper's "
         "speed x / memory x table against transformer_vanilla and transformer_sdpa",
         lengths=(4096,), batch=8, backbone=GPU_BACKBONE, warmup=3, steps=10,
-        max_step_s=10.0, profile_len=4096,
+        max_step_s=10.0, profile_len=4096, compiled_variants=LEAN_VARIANTS,
     ),
     "scaling": EfficiencyPreset(
         name="scaling",
@@ -122,6 +130,7 @@ QUICK_PRESETS: dict[str, EfficiencyPreset] = {
         name="paper-text4k",
         description="--quick: L=256 stand-in for the Text-4K table, tiny backbone",
         lengths=(256,), batch=2, backbone=QUICK_BACKBONE, warmup=1, steps=2, profile_len=256,
+        compiled_variants=LEAN_VARIANTS,
     ),
     "scaling": EfficiencyPreset(
         name="scaling",

@@ -194,6 +194,19 @@ def compile_model(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     return torch.compile(model)
 
 
+def with_memory_budget(compiled: Callable[..., torch.Tensor],
+                       budget: float) -> Callable[..., torch.Tensor]:
+    """``compiled`` run under AOTAutograd's ``activation_memory_budget``. torch.compile traces
+    and partitions (picks what the forward saves) during the calls that compile, so the setting
+    is scoped to every call rather than set process-wide."""
+    import torch._functorch.config as functorch_config
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiled(*args, **kwargs)
+    return forward
+
+
 @dataclass
 class TrainStep:
     """A built model with its optimizer and one fixed random batch; ``step()`` trains once,
@@ -227,6 +240,8 @@ def build_step(entry: Entry, model_config: Any, cell: EfficiencyCell,
     model.train()
     # the loss still reads the aux losses and head kind from the plain module
     forward = compile_model(model) if cell.compile else model
+    if cell.compile and model_config.activation_memory_budget < 1.0:
+        forward = with_memory_budget(forward, model_config.activation_memory_budget)
 
     def forward_loss() -> torch.Tensor:
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if use_autocast

@@ -268,8 +268,21 @@ def backbone_text(frame: pd.DataFrame) -> str:
     run = (f"device {first_row.get('device')}, dtype {first_row.get('dtype')}, "
            f"torch.compile {'on' if first_row.get('compile') else 'off'}, "
            f"CUDA graph {'on' if first_row.get('cuda_graph') else 'off'}")
+    budgets = _memory_budgets(frame)
+    if budgets:
+        run += f", activation memory budget {budgets} (the others: torch's default, 1)"
     return (f"Backbone: {', '.join(parts)}; heads: {heads or '-'}. Batch: {batch_text}. {run}. "
             f"Params: {params or '-'}.")
+
+
+def _memory_budgets(frame: pd.DataFrame) -> str:
+    """'0.5 (longvq[...])' for the models run with an activation memory budget below 1."""
+    if "activation_memory_budget" not in frame:
+        return ""
+    budget = pd.to_numeric(frame["activation_memory_budget"], errors="coerce").fillna(1.0)
+    lean = frame[budget < 1.0].assign(_budget=budget[budget < 1.0])
+    return ", ".join(f"{b:g} ({', '.join(sorted(map(str, rows['model'].unique())))})"
+                     for b, rows in lean.groupby("_budget"))
 
 
 def preset_groups(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

@@ -37,9 +37,9 @@ QUICK_BACKBONE: dict[str, Any] = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d
 CSV_COLUMNS = [
     "model", "backend", "seq_len", "batch", "status", "ms_median", "ms_p20", "ms_p80",
     "tokens_per_s", "peak_mem_mib", "params", "device", "dtype", "d_model", "n_layers",
-    "n_heads", "d_ffn", "head", "compile", "cuda_graph", "preset", "codebook_utilisation",
-    "codebook_perplexity", "message", "torch", "cuda", "tf32", "git_commit", "timestamp",
-    "cell_key",
+    "n_heads", "d_ffn", "head", "compile", "activation_memory_budget", "cuda_graph", "preset",
+    "codebook_utilisation", "codebook_perplexity", "message", "torch", "cuda", "tf32",
+    "git_commit", "timestamp", "cell_key",
 ]
 
 
@@ -108,6 +108,7 @@ def plan_shapes(
         if not entry.bidirectional and "head" not in overrides:
             entry_overrides["head"] = "lm"  # causal-only models are measured with their LM head
         model_config = entry.make_config(**entry_overrides)
+        model_config.check_memory_budget(compiled=compile)
         for seq_len, batch in shapes:
             cell = EfficiencyCell(spec.label, seq_len, batch, device, dtype, warmup, steps,
                                   seed, compile=compile, cuda_graph=cuda_graph)
@@ -261,5 +262,7 @@ def results_frame(store: Store, planned: Sequence[PlannedCell]) -> pd.DataFrame:
     for column in CSV_COLUMNS:
         if column not in frame:
             frame[column] = None
+    # the config leaves torch's default (1.0) out of its description and key
+    frame["activation_memory_budget"] = frame["activation_memory_budget"].fillna(1.0)
     rest = [c for c in frame.columns if c not in CSV_COLUMNS]
     return frame[CSV_COLUMNS + rest]

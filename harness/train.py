@@ -184,7 +184,9 @@ def model_config(cfg: TrainConfig, task: Task) -> tuple[Entry, ModelConfig]:
         if name in cfg.model_overrides and str(cfg.model_overrides[name]) != str(value):
             raise ValueError(f"{name}={cfg.model_overrides[name]!r}: task {cfg.task!r} fixes "
                              f"{name}={value!r}")
-    return entry, entry.make_config(**{**cfg.model_overrides, **from_task})
+    model_cfg = entry.make_config(**{**cfg.model_overrides, **from_task})
+    model_cfg.check_memory_budget(compiled=False)  # training steps run eagerly
+    return entry, model_cfg
 
 
 def lr_scale(step: int, steps: int, warmup_frac: float) -> float:

@@ -19,6 +19,7 @@ from harness.measure import CellOutcome, EfficiencyCell
 from harness.registry import REGISTRY
 from harness.report import build_report
 from harness.report_efficiency import (
+    backbone_text,
     crossover_length,
     crossovers,
     growth,
@@ -238,6 +239,23 @@ def test_compile_and_graph_off_keep_old_keys_and_on_change_them():
     assert harness.runner.cell_key(cell, config, "dev", "scaling") != config_hash(old_payload)
 
 
+def test_memory_budget_keyed_only_below_one_and_needs_compile(tmp_path, capsys):
+    entry = REGISTRY.get("longvq")
+    default, lean = entry.make_config(), entry.make_config(activation_memory_budget="0.5")
+    # at torch's default the config describes itself as before the field existed
+    assert "activation_memory_budget" not in default.to_dict()
+    assert lean.to_dict()["activation_memory_budget"] == 0.5
+    cell = EfficiencyCell("longvq", 64, 2, "cpu", "fp32", compile=True)
+    assert harness.runner.cell_key(cell, default, "d") != harness.runner.cell_key(cell, lean, "d")
+    with pytest.raises(ValueError, match="activation_memory_budget=1.5"):
+        entry.make_config(activation_memory_budget=1.5)
+    argv = ["efficiency", "--models", "longvq[activation_memory_budget=0.5]", "--lengths",
+            "32", "--batch", "2", "--device", "cpu", "--quick", "--store", str(tmp_path / "b.db")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "activation_memory_budget=0.5" in err and "--compile" in err
+
+
 def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one_thread):
     compiled: list[str] = []
 
@@ -252,6 +270,20 @@ def test_compile_flag_wraps_the_model_and_is_recorded(tmp_path, monkeypatch, one
     assert len(compiled) == 1
     rows = Store(tmp_path / "b.db").dataframe("efficiency")
     assert sorted(rows["compile"]) == [False, True] and set(rows["status"]) == {"ok"}
+
+
+def test_memory_budget_is_recorded_per_row_and_stated(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(harness.measure, "compile_model",
+                        lambda m: torch.compile(m, backend="eager"))
+    lean = "transformer_sdpa[activation_memory_budget=0.5]"
+    out = tmp_path / "out"
+    assert main(["efficiency", "--models", f"transformer_sdpa,{lean}", "--lengths", "32",
+                 "--batch", "2", "--device", "cpu", "--quick", "--warmup", "1", "--steps", "1",
+                 "--compile", "--store", str(tmp_path / "b.db"), "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "efficiency.csv").set_index("model")
+    assert rows.loc[lean, "activation_memory_budget"] == 0.5
+    assert rows.loc["transformer_sdpa", "activation_memory_budget"] == 1.0
+    assert f"activation memory budget 0.5 ({lean})" in backbone_text(rows.reset_index())
 
 
 @pytest.mark.parametrize("model", [*REGISTRY.names(), "longvq[key_grad=window]",
@@ -534,3 +566,34 @@ def test_gpu_presets_plan_their_variants(name):
     assert by_label["longvq[key_grad=window]"].key_grad == "window"
     assert by_label["longvq"].key_grad == "ste"
     assert by_label["longvq[key_grad=window]"].d_model == 128
+
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_lean_variant_is_planned_only_compiled(quick):
+    """paper-text4k's memory-lean LongVQ (activation_memory_budget < 1) exists only compiled:
+    an eager plan of it is an error."""
+    from harness.registry import parse_model_spec
+
+    preset = get_efficiency_preset("paper-text4k", quick=quick)
+    specs = [parse_model_spec(v) for v in preset.compiled_variants]
+    args = (dict(preset.backbone), preset.warmup, preset.steps, 0)
+    planned = plan_shapes(specs, preset.shapes(), "cpu", "bf16", *args, compile=True)
+    assert [p.model_config.activation_memory_budget for p in planned] == [0.5]
+    assert planned[0].model_config.key_grad == "window"
+    with pytest.raises(ValueError, match="--compile"):
+        plan_shapes(specs, preset.shapes(), "cpu", "bf16", *args)
+
+
+def test_models_all_adds_the_lean_variant_with_compile(tmp_path, monkeypatch):
+    fake, _ = _fake_measure(fail_from=1 << 30)
+    monkeypatch.setattr(harness.runner, "measure", fake)
+    models = {}
+    for flags in ([], ["--compile"]):
+        store = tmp_path / f"b{len(flags)}.db"
+        assert main(["efficiency", "--preset", "paper-text4k", "--quick", "--device", "cpu",
+                     "--store", str(store), *flags]) == 0
+        models[bool(flags)] = set(Store(store).dataframe("efficiency")["model"])
+    lean = set(QUICK_PRESETS["paper-text4k"].compiled_variants)
+    assert lean <= models[True] and not lean & models[False]
+    assert models[True] - lean == models[False]

@@ -90,6 +90,27 @@ def test_compiled_graphs_are_the_holders(monkeypatch, one_thread):
     assert account.saved_bytes > 0
 
 
+def test_memory_budget_recomputes_instead_of_saving(monkeypatch, one_thread):
+    """activation_memory_budget < 1: the compiled step saves less for its backward and trains
+    the same (recomputing gives the same values). aot_eager_decomp_partition partitions like
+    inductor (the min-cut partitioner, which reads the budget), without generating code."""
+    monkeypatch.setattr(harness.measure, "compile_model", lambda m: (
+        torch._dynamo.reset(), torch.compile(m, backend="aot_eager_decomp_partition"))[1])
+    spec = parse_model_spec("longvq[key_grad=window]")
+    saved, losses = {}, {}
+    for budget in (1.0, 0.5):
+        config = spec.entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64,
+                                        activation_memory_budget=budget,
+                                        **dict(spec.overrides))
+        cell = EfficiencyCell(spec.label, 128, 2, "cpu", "fp32", seed=3, warmup=1,
+                              compile=True)
+        saved[budget] = account_cell(spec.entry, config, cell).saved_bytes
+        step = harness.measure.build_step(spec.entry, config, cell, torch.device("cpu")).step
+        losses[budget] = torch.stack([step() for _ in range(2)])
+    assert saved[0.5] < 0.8 * saved[1.0], saved
+    torch.testing.assert_close(losses[0.5], losses[1.0], rtol=1e-5, atol=1e-6)
+
+
 def _event(action: str, addr: int, size: int, filename: str, line: int) -> dict:
     return {"action": action, "addr": addr, "size": size,
             "frames": [{"filename": "/usr/lib/torch/x.py", "line": 1, "name": "inner"},

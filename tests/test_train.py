@@ -176,6 +176,11 @@ def test_bad_model_config_is_an_error_status():
     assert outcome.status == "error" and "d_model=33" in outcome.message
 
 
+def test_memory_budget_is_rejected_for_eager_training():
+    outcome = train_cell(tiny(model_overrides={**TINY, "activation_memory_budget": 0.5}))
+    assert outcome.status == "error" and "activation_memory_budget=0.5" in outcome.message
+
+
 def test_same_seed_same_numbers_other_seed_differs():
     def numbers(seed):
         m = train_cell(tiny(steps=30, eval_every=15, seed=seed)).metrics

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     try:
         entries = resolve_model_specs(args.models)
         if preset is not None and args.models == "all":
-            entries += [s for s in map(parse_model_spec, preset.variants) if s not in entries]
+            variants = preset.variants + (preset.compiled_variants if args.compile else ())
+            entries += [s for s in map(parse_model_spec, variants) if s not in entries]
     except ValueError as exc:
         raise UsageError(f"--models: {exc}") from None
     if not entries:
@@ -238,7 +239,7 @@ def print_preset(frame, name: str, out_dir: Path | None, console: Console) -> No
         if isinstance(block, TableBlock):
             console.print(rich_table(block, drop_uniform=("head", "compile")))
         elif isinstance(block, Text):
-            console.print(block.text)
+            console.print(block.text, markup=False)  # labels hold brackets: longvq[...]
         elif isinstance(block, Images):
             console.print("plots: " + ", ".join(str(i.path) for i in block.images))
     if frame["seq_len"].nunique() > 1:
@@ -421,7 +422,11 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="wrap each model in torch.compile, compiled afresh per cell (recorded per row as "
         "compile; default off); the quantiser's codebook snapshot and update, the VQ attention "
         "op and the chunked S4D's scan run eager as graph breaks; the FFT convolution and (CUDA) "
-        "the quantiser's nearest-code kernel are opaque custom ops",
+        "the quantiser's nearest-code kernel are opaque custom ops. Compiled steps may trade "
+        "time for memory with the config field activation_memory_budget (--set "
+        "activation_memory_budget=0.5, or a variant such as "
+        "'longvq[activation_memory_budget=0.5]'): the share of the default saved "
+        "activations the backward keeps, the rest recomputed",
     )
     p_eff.add_argument(
         "--cuda-graph", action="store_true",
