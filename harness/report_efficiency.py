@@ -414,7 +414,8 @@ def write_profile_files(rows: list[dict[str, Any]], tables: list[Table], stem: P
     """``stem``.csv (full kernel names, numbers), ``stem``.md (the tables) and, given the
     category totals, ``stem``_categories.csv."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    # appended, not with_suffix: a label's number (budget=0.5) would read as a suffix
+    csv_path, md_path = (stem.with_name(stem.name + ext) for ext in (".csv", ".md"))
     _write_csv(csv_path, rows)
     md_path.write_text(render_markdown(tables))
     paths = [csv_path, md_path]

@@ -157,6 +157,16 @@ def test_memory_flag_writes_tables(tmp_path, capsys, one_thread):
     assert not (tmp_path / "b.db").exists()
 
 
+def test_file_names_keep_a_label_with_a_decimal_point(tmp_path):
+    from harness.commands.efficiency import safe_name
+    from harness.report_efficiency import write_profile_files
+
+    stem = f"memory_{safe_name('longvq[activation_memory_budget=0.5]')}_L256"
+    paths = write_profile_files([{"a": 1}], [], tmp_path / stem)
+    assert sorted(p.name for p in paths) == [f"{stem}.csv", f"{stem}.md"]
+    assert all(p.exists() for p in paths)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--memory", "longvqq"], "longvq"),
     (["--memory", "longvq", "--profile", "longvq"], "--profile and --memory"),
