@@ -287,7 +287,8 @@ def test_memory_budget_is_recorded_per_row_and_stated(tmp_path, monkeypatch, one
 
 
 @pytest.mark.parametrize("model", [*REGISTRY.names(), "longvq[key_grad=window]",
-                                   "longvq[ssm_conv=chunked]"])
+                                   "longvq[ssm_conv=chunked]",
+                                   "longvq[key_grad=window;activation_memory_budget=0.5]"])
 def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
     """--compile of every entry: compiled steps give eager's losses (aot_eager: the same ops,
     traced) and nothing recompiles after step 1 -- e.g. the VQ models' codebook update runs
