@@ -31,14 +31,15 @@ from harness.report_doc import (
     render_markdown,
     table_markdown,
 )
-from harness.report_efficiency import efficiency_report
+from harness.report_efficiency import efficiency_report, label_config_variants, normalised
 from harness.report_lm import lm_sections
 from harness.report_optuna import optuna_sections
 from harness.report_train import load_runs, slug, training_sections
 from harness.store import Store
 
 REFERENCES = ("transformer_vanilla", "transformer_sdpa")
-GROUP_KEYS = ["device", "dtype", "batch", "d_model", "n_layers", "d_ffn", "n_heads", "head"]
+GROUP_KEYS = ["device", "dtype", "compile", "cuda_graph", "batch", "d_model", "n_layers", "d_ffn",
+              "n_heads", "head"]
 TITLE = "longvq-bench report"
 PROVENANCE_FIELDS = {"device": "device", "torch": "torch", "cuda": "CUDA", "driver": "driver",
                      "python": "python", "git_commit": "commit", "tf32": "TF32"}
@@ -56,6 +57,9 @@ def add_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     for ref in REFERENCES:
         short = ref.removeprefix("transformer_")
         base = ok[ok["model"] == ref][keys + ["ms_median", "peak_mem_mib"]]
+        # one reference row per key (a store may hold a cell measured again with other
+        # warm-up/steps/seed): the last written, as in paper_ratios
+        base = base.drop_duplicates(subset=keys, keep="last")
         base = base.rename(columns={"ms_median": "_ref_ms", "peak_mem_mib": "_ref_mem"})
         merged = frame.merge(base, on=keys, how="left")
         frame[f"speed_x_{short}"] = (merged["_ref_ms"] / merged["ms_median"]).to_numpy()
@@ -137,10 +141,11 @@ def efficiency_sections(frame: pd.DataFrame, out_dir: Path) -> list[Block]:
         "steps after warm-up. Peak memory is allocated memory (CUDA: max_memory_allocated; "
         "CPU: resident tensors + profiler allocation peak). Ratios compare with the "
         "reference model at the same L in the same group (> 1: faster / smaller).")]
-    frame = add_ratios(frame)
+    frame = normalised(frame)
     keys = [k for k in GROUP_KEYS if k in frame]
     for group, rows in frame.groupby(keys, dropna=False, sort=True):
         desc = ", ".join(f"{k}={v}" for k, v in zip(keys, group, strict=True))
+        rows = add_ratios(label_config_variants(rows, shared=keys))
         blocks += [Heading(3, desc), efficiency_rows(rows)]
         paths = plot_vs_length(rows, out_dir / "plots", desc, stem=slug(desc) + "_")
         if paths:

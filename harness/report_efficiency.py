@@ -25,14 +25,16 @@ Definitions (all within one preset run: same device, dtype, compile setting and 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.config import field_names
 from harness.efficiency_presets import CROSSOVER_REFERENCE, REFERENCE_MODELS
 from harness.plots import plot_vs_length
+from harness.registry import ModelSpec, parse_model_spec
 from harness.report_doc import (
     Block,
     Bullets,
@@ -49,7 +51,7 @@ BACKBONE_KEYS = ["d_model", "n_layers", "d_ffn", "n_heads"]
 RUN_KEYS = ["preset", "device", "dtype", "compile", "cuda_graph"]
 
 
-def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
+def normalised(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows written before a field existed get its default (compile and CUDA graph off, no
     preset)."""
     frame = frame.copy()
@@ -63,11 +65,48 @@ def _normalised(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _like_default(value: Any, default: Any) -> Any:
+    """A stored value in its field's type (pandas gives 64.0 for a column with gaps)."""
+    if pd.isna(value):
+        return default
+    if isinstance(default, bool) or not isinstance(default, int | float):
+        return value
+    number = float(value)
+    return int(number) if isinstance(default, int) and number.is_integer() else number
+
+
+def label_config_variants(frame: pd.DataFrame, shared: Sequence[str] = ()) -> pd.DataFrame:
+    """Tell apart the rows of one model label whose model configs differ (runs with different
+    ``--set`` values into one store): each such row's label gets the fields that vary among
+    them, where they differ from the label's own config, as variant fields, the way
+    ``--models`` writes variants (``longvq[codebook_size=64]``; a row at the config's values
+    keeps its plain label, so the references stay references). ``shared``: fields the tables
+    group by (the backbone), left out. Labels the registry cannot parse are kept."""
+    frame = frame.copy()
+    for label, rows in frame.groupby("model", sort=False):
+        try:
+            spec = parse_model_spec(str(label))
+        except (KeyError, ValueError):  # RegistryError is a KeyError
+            continue
+        config = spec.entry.make_config(**dict(spec.overrides))
+        defaults = {name: getattr(config, name) for name in field_names(config)
+                    if name in rows and name not in shared}
+        values = {name: rows[name].map(lambda v, d=default: _like_default(v, d))
+                  for name, default in defaults.items()}
+        varying = [name for name, column in values.items() if column.astype(str).nunique() > 1]
+        for index in rows.index:
+            extra = tuple((name, str(values[name][index])) for name in varying
+                          if str(values[name][index]) != str(defaults[name]))
+            if extra:
+                frame.at[index, "model"] = ModelSpec(spec.entry, spec.overrides + extra).label
+    return frame
+
+
 def paper_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     """Add speed_x_{vanilla,sdpa} and mem_x_{vanilla,sdpa}: reference / model at the same L,
     batch, device, dtype, compile setting, preset and backbone (NaN where either did not finish).
     """
-    frame = _normalised(frame)
+    frame = normalised(frame)
     keys = [k for k in RUN_KEYS + BACKBONE_KEYS if k in frame] + ["seq_len", "batch"]
     ok = frame[frame["status"] == "ok"]
     for ref in REFERENCE_MODELS:
@@ -287,12 +326,12 @@ def _memory_budgets(frame: pd.DataFrame) -> str:
 
 def preset_groups(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(description, rows) of each preset run in the frame (one device/dtype/compile/backbone)."""
-    frame = _normalised(frame)
+    frame = normalised(frame)
     keys = [k for k in RUN_KEYS + BACKBONE_KEYS if k in frame]
     out = []
     for group, rows in frame.groupby(keys, dropna=False, sort=True):
         desc = ", ".join(f"{k}={v}" for k, v in zip(keys, group, strict=True))
-        out.append((desc, rows))
+        out.append((desc, label_config_variants(rows, shared=keys)))
     return out
 
 

@@ -226,3 +226,38 @@ def test_report_html_renders_in_headless_browser(report, tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,3000",
                     (out / "report.html").as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 20_000
+
+
+def _config_record(key: str, model: str, ms: float, **config) -> CellRecord:
+    record = efficiency_record(model, 64, ms)
+    record.cell["model_config"].update(config)
+    return CellRecord(key, *[getattr(record, f) for f in ("kind", "model", "status", "cell",
+                                                           "result", "provenance", "message")])
+
+
+def test_rows_of_one_model_with_other_configs_are_told_apart(tmp_path):
+    """Two runs with different --set values into one store: each row says what differs (the
+    way --models writes variants), a row at the model's own config keeps its plain label and
+    stays the reference, and a reference measured twice does not break the ratios."""
+    store = Store(tmp_path / "b.db")
+    store.write(_config_record("v0", "transformer_vanilla", 4.0))
+    store.write(_config_record("v1", "transformer_vanilla", 8.0, dropout=0.1))
+    store.write(_config_record("l64", "longvq", 2.0, codebook_size=64))
+    store.write(_config_record("l32", "longvq", 2.0, codebook_size=32))
+    store.write(_config_record("l128", "longvq[key_grad=window]", 1.0, key_grad="window",
+                               codebook_size=128))
+    store.write(_config_record("l128b", "longvq[key_grad=window]", 1.0, key_grad="window",
+                               codebook_size=128, activation_memory_budget=0.5))
+    store.write(_config_record("x", "not_a_model", 1.0))
+    assert main(["report", "--store", str(tmp_path / "b.db"), "--out", str(tmp_path)]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in (tmp_path / "REPORT.md").read_text().splitlines()
+            if line.startswith("| ") and " | 64 | " in line}
+    assert set(rows) == {"transformer_vanilla", "transformer_vanilla[dropout=0.1]",
+                         "longvq[codebook_size=64]", "longvq[codebook_size=32]",
+                         "longvq[key_grad=window]",
+                         "longvq[key_grad=window;activation_memory_budget=0.5]", "not_a_model"}
+    assert rows["transformer_vanilla"][8] == "1.00×"  # the default config is the reference
+    assert rows["transformer_vanilla[dropout=0.1]"][8] == "0.50×"
+    # one config of its label: no variant fields
+    assert rows["longvq[key_grad=window]"][8] == "4.00×"
