@@ -402,7 +402,8 @@ def efficiency_report(frame: pd.DataFrame, out_dir: Path,
 
 # -- files of `efficiency --preset ... --out DIR` and `--profile` ------------------------------
 PRESET_CSV_COLUMNS = [
-    "model", "backend", "seq_len", "batch", "head", "compile", "cuda_graph", "status", "message",
+    "model", "backend", "seq_len", "batch", "head", "compile", "activation_memory_budget",
+    "cuda_graph", "status", "message",
     "ms_median",
     "ms_p20", "ms_p80", "tokens_per_s", "peak_mem_mib", "params", "speed_x_vanilla",
     "mem_x_vanilla", "speed_x_sdpa", "mem_x_sdpa", "d_model", "n_layers", "d_ffn", "n_heads",
