@@ -31,13 +31,17 @@ from harness.report_doc import (
     render_markdown,
     table_markdown,
 )
-from harness.report_efficiency import efficiency_report, label_config_variants, normalised
+from harness.report_efficiency import (
+    efficiency_report,
+    label_config_variants,
+    normalised,
+    reference_ratios,
+)
 from harness.report_lm import lm_sections
 from harness.report_optuna import optuna_sections
 from harness.report_train import load_runs, slug, training_sections
 from harness.store import Store
 
-REFERENCES = ("transformer_vanilla", "transformer_sdpa")
 GROUP_KEYS = ["device", "dtype", "compile", "cuda_graph", "batch", "d_model", "n_layers", "d_ffn",
               "n_heads", "head"]
 TITLE = "longvq-bench report"
@@ -46,25 +50,10 @@ PROVENANCE_FIELDS = {"device": "device", "torch": "torch", "cuda": "CUDA", "driv
 
 
 def add_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """Speed x and memory x of each row against each reference model at the same L and group.
-
-    speed x = ms(reference) / ms(model); memory x = peak(reference) / peak(model); > 1 means the
-    model is faster / smaller. Empty where the reference did not finish at that length.
-    """
-    frame = frame.copy()
-    keys = [k for k in GROUP_KEYS if k in frame] + ["seq_len"]
-    ok = frame[frame["status"] == "ok"]
-    for ref in REFERENCES:
-        short = ref.removeprefix("transformer_")
-        base = ok[ok["model"] == ref][keys + ["ms_median", "peak_mem_mib"]]
-        # one reference row per key (a store may hold a cell measured again with other
-        # warm-up/steps/seed): the last written, as in paper_ratios
-        base = base.drop_duplicates(subset=keys, keep="last")
-        base = base.rename(columns={"ms_median": "_ref_ms", "peak_mem_mib": "_ref_mem"})
-        merged = frame.merge(base, on=keys, how="left")
-        frame[f"speed_x_{short}"] = (merged["_ref_ms"] / merged["ms_median"]).to_numpy()
-        frame[f"mem_x_{short}"] = (merged["_ref_mem"] / merged["peak_mem_mib"]).to_numpy()
-    return frame
+    """Speed x and memory x of each row against each reference model at the same L and group
+    (``reference_ratios``): speed x = ms(reference) / ms(model); memory x = peak(reference) /
+    peak(model); > 1 means the model is faster / smaller. Empty where either did not finish."""
+    return reference_ratios(frame, [k for k in GROUP_KEYS if k in frame] + ["seq_len"])
 
 
 def _fmt(value: object, digits: int = 1) -> str:

@@ -102,26 +102,34 @@ def label_config_variants(frame: pd.DataFrame, shared: Sequence[str] = ()) -> pd
     return frame
 
 
-def paper_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add speed_x_{vanilla,sdpa} and mem_x_{vanilla,sdpa}: reference / model at the same L,
-    batch, device, dtype, compile setting, preset and backbone (NaN where either did not finish).
-    """
-    frame = normalised(frame)
-    keys = [k for k in RUN_KEYS + BACKBONE_KEYS if k in frame] + ["seq_len", "batch"]
+def reference_ratios(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """``frame`` with speed_x_{vanilla,sdpa} and mem_x_{vanilla,sdpa}: reference / model between
+    rows that agree on ``keys`` (NaN where either did not finish). A reference measured twice
+    at the same keys (a cell rerun with other warm-up/steps/seed) counts once: the last row."""
+    frame = frame.copy()
+    keys = list(keys)
     ok = frame[frame["status"] == "ok"]
+    ms = pd.to_numeric(frame["ms_median"], errors="coerce").to_numpy()
+    mem = pd.to_numeric(frame["peak_mem_mib"], errors="coerce").to_numpy()
+    finished = (frame["status"] == "ok").to_numpy()
     for ref in REFERENCE_MODELS:
         short = ref.removeprefix("transformer_")
         base = ok[ok["model"] == ref][keys + ["ms_median", "peak_mem_mib"]]
         base = base.drop_duplicates(subset=keys, keep="last")
         base = base.rename(columns={"ms_median": "_ref_ms", "peak_mem_mib": "_ref_mem"})
         merged = frame.merge(base, on=keys, how="left")
-        ms = pd.to_numeric(frame["ms_median"], errors="coerce").to_numpy()
-        mem = pd.to_numeric(frame["peak_mem_mib"], errors="coerce").to_numpy()
-        finished = (frame["status"] == "ok").to_numpy()
-        frame[f"speed_x_{short}"] = (merged["_ref_ms"].to_numpy() / ms)
-        frame[f"mem_x_{short}"] = (merged["_ref_mem"].to_numpy() / mem)
+        frame[f"speed_x_{short}"] = pd.to_numeric(merged["_ref_ms"]).to_numpy() / ms
+        frame[f"mem_x_{short}"] = pd.to_numeric(merged["_ref_mem"]).to_numpy() / mem
         frame.loc[~finished, [f"speed_x_{short}", f"mem_x_{short}"]] = float("nan")
     return frame
+
+
+def paper_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ratios (``reference_ratios``) at the same L, batch, device, dtype, compile setting,
+    preset and backbone."""
+    frame = normalised(frame)
+    keys = [k for k in RUN_KEYS + BACKBONE_KEYS if k in frame] + ["seq_len", "batch"]
+    return reference_ratios(frame, keys)
 
 
 def crossover_length(model_ms: Mapping[int, float | None],
