@@ -62,7 +62,8 @@ class ModelConfig:
         """A budget below 1 changes compiled steps only: elsewhere it would do nothing."""
         if self.activation_memory_budget < 1.0 and not compiled:
             raise ValueError(f"activation_memory_budget={self.activation_memory_budget} applies "
-                             "to compiled training steps only: add --compile (efficiency)")
+                             "to compiled training steps only: add --compile (efficiency; "
+                             "compile=true in an efficiency sweep)")
 
 
 def field_names(cfg: ModelConfig | type[ModelConfig]) -> list[str]:

@@ -241,6 +241,7 @@ def _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note) ->
     model_config = entry.make_config(**overrides)
     cell = EfficiencyCell(entry.name, device=device, **settings)
     _check_efficiency_cell(cell)
+    model_config.check_memory_budget(compiled=cell.compile)
     prov = provenance(torch.device(device))
     planned = PlannedCell(entry, model_config, cell, cell_key(cell, model_config, prov["device"]))
 

@@ -63,6 +63,9 @@ def test_interrupt_keeps_finished_rows_and_rerun_finishes(tmp_path, monkeypatch)
     (["efficiency", "--models", "transformer_sdpa", "--set", "d_modle=3"], "'d_modle'"),
     (["efficiency", "--models", "transformer_sdpa", "--set", "n_layers=two"], "'two'"),
     (["efficiency", "--models", "transformer_sdpa", "--set", "oops"], "'oops'"),
+    (["sweep", "--kind", "efficiency", "--model", "transformer_sdpa", "--grid",
+      "activation_memory_budget=0.5,1.0", "--quick", "--device", "cpu"],
+     "activation_memory_budget=0.5"),  # nothing compiles: the budget would do nothing
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, needle):
     assert main([*argv, "--store", str(tmp_path / "s.db")]) == 2
