@@ -1,9 +1,11 @@
-"""Optional dependencies (triton, and our kernels built on it): whether they import."""
+"""Optional dependencies (triton, and our kernels built on it): whether they import, and
+whether Triton runs as its CPU interpreter."""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 
@@ -19,3 +21,8 @@ def importable(module: str) -> bool:
     except Exception:  # noqa: BLE001 - missing package or broken install alike
         return False
     return True
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1), where CPU tensors are allowed."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -16,12 +16,12 @@ keep the lowest index, as ``torch.argmin``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from models._optional import interpreting
 
 __all__ = ["nearest_code_triton"]
 
@@ -66,10 +66,9 @@ def nearest_code_triton(k: Tensor, codebook: Tensor) -> Tensor:
     cb = codebook.detach().float().contiguous()
     c2 = cb.pow(2).sum(-1).contiguous()
     codes = torch.empty(bsz, heads, length, dtype=torch.int64, device=k.device)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(length, BLOCK_M), bsz * heads)
     _nearest_code_kernel[grid](
         kf, cb, c2, codes, length, heads, size, D=dim,
-        PREC="ieee" if interpreting else "tf32x3", BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S,
+        PREC="ieee" if interpreting() else "tf32x3", BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), num_warps=4)
     return codes

@@ -29,12 +29,13 @@ the causal form on the reversed input, shifted by one position. ``models.fft_con
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models._optional import interpreting
 
 __all__ = ["decayed_scan", "decayed_scan_ref", "s4d_chunk_size", "s4d_chunked_conv"]
 
@@ -104,16 +105,12 @@ class _DecayedScan(torch.autograd.Function):
 def decayed_scan(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:
     """``decayed_scan_ref`` (forward direction) with gradients: the Triton kernel for float32 on
     CUDA (and under the interpreter), the torch loop elsewhere (float64 included)."""
-    if s.dtype == torch.float32 and (s.is_cuda or _interpreting()):
+    if s.dtype == torch.float32 and (s.is_cuda or interpreting()):
         return _DecayedScan.apply(s, a_re, a_im, group)
     warnings.warn(f"S4D conv='chunked' runs its scan as a torch loop over chunks for {s.dtype} "
                   f"on {s.device.type} (a reference: no Triton kernel there; conv='fft' is "
                   "faster)", stacklevel=2)
     return decayed_scan_ref(s, a_re, a_im, group)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------ the convolution

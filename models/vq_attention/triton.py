@@ -75,6 +75,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
+from models._optional import interpreting
+
 from ._common import (
     LAPLACE_MU,
     LAPLACE_SIGMA,
@@ -100,11 +102,6 @@ _MU = tl.constexpr(LAPLACE_MU)
 _INV_SIGMA_SQRT2 = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0)))
 _INV_SIGMA = tl.constexpr(1.0 / LAPLACE_SIGMA)
 _PDF_NORM = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0 * math.pi)))
-
-
-def interpreting() -> bool:
-    """True under Triton's CPU interpreter (TRITON_INTERPRET=1), where CPU tensors are allowed."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def default_chunk(window: int) -> int:
