@@ -9,6 +9,7 @@ only parameter never varies).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -231,8 +232,7 @@ def test_report_html_renders_in_headless_browser(report, tmp_path):
 def _config_record(key: str, model: str, ms: float, **config) -> CellRecord:
     record = efficiency_record(model, 64, ms)
     record.cell["model_config"].update(config)
-    return CellRecord(key, *[getattr(record, f) for f in ("kind", "model", "status", "cell",
-                                                           "result", "provenance", "message")])
+    return dataclasses.replace(record, cell_key=key)
 
 
 def test_rows_of_one_model_with_other_configs_are_told_apart(tmp_path):
