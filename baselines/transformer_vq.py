@@ -22,13 +22,13 @@ from harness.backbone import PreNormBlock, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
 from models.vq import VectorQuantizer
-from models.vq_attention import IMPLS, kernel_inputs, resolve_impl, vq_attention
+from models.vq_attention import IMPLS, check_window, kernel_inputs, resolve_impl, vq_attention
 
 
 @dataclass
 class TransformerVQConfig(ModelConfig):
     codebook_size: int = 256
-    window: int = 64  # block size of the cache and width of the local bias
+    window: int = 64  # block size of the cache and width of the local bias; 0: no local part
     local_bias: bool = True
     attn_fn: str = "softmax"  # softmax | laplace
     commitment: float = 1e-3
@@ -45,6 +45,7 @@ class TransformerVQConfig(ModelConfig):
             raise ValueError(f"attn_impl={self.attn_impl!r}; choose one of {', '.join(IMPLS)}")
         if self.key_grad not in ("ste", "window"):
             raise ValueError(f"key_grad={self.key_grad!r}; choose ste or window")
+        check_window(self.window, self.local_bias, self.key_grad, bias_name="local_bias")
 
 
 class VQSelfAttention(nn.Module):

@@ -51,7 +51,13 @@ from harness.config import ModelConfig
 from harness.registry import register
 from models.ssm import S4D_CONVS, build_memory
 from models.vq import VectorQuantizer
-from models.vq_attention import kernel_inputs, resolve_impl, vq_attention, vq_attention_naive
+from models.vq_attention import (
+    check_window,
+    kernel_inputs,
+    resolve_impl,
+    vq_attention,
+    vq_attention_naive,
+)
 
 ATTN_FNS = ("softmax", "laplace")
 MEMORIES = ("s4d", "ema")
@@ -66,7 +72,7 @@ class LongVQConfig(ModelConfig):
     codebook_size: int = 256  # S
     attn_fn: str = "softmax"  # softmax | laplace
     local_bias: bool = True  # learned relative bias b_{i-j} for |i - j| < window
-    window: int = 64  # W: local window (and block size of the causal cache)
+    window: int = 64  # W: local window (and block size of the causal cache); 0: no local part
     ssm: str = "s4d"  # s4d | ema
     d_state: int = 64  # S4D state size N (ssm=s4d)
     ssm_conv: str = "auto"  # S4D conv: auto (by L, device) | fft | chunked (models.s4d_chunked)
@@ -91,9 +97,10 @@ class LongVQConfig(ModelConfig):
                                      ("codebook_init", self.codebook_init, ("batch", "random"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
-        for name in ("z_dim", "codebook_size", "window"):
+        for name in ("z_dim", "codebook_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_window(self.window, self.local_bias, self.key_grad, bias_name="local_bias")
 
     @property
     def value_dim(self) -> int:

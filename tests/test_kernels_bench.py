@@ -109,3 +109,24 @@ def test_a_failing_cell_is_an_error_row_and_the_run_goes_on(monkeypatch):
     rows = kernels.benchmark(["linear"], [16, 32, 64], SHAPE, "cpu", torch.float32, ("fwd",))
     assert [r.status for r in rows] == ["ok", "error", "ok"]
     assert "RuntimeError: boom" in rows[1].note
+
+
+def test_cli_no_window(tmp_path, capsys):
+    """--window 0 (no local part) runs with --no-bias, each row checked against the oracle;
+    without --no-bias, or with a key_grad=window impl named, it stops with the fix."""
+    base = ["kernels", "--lengths", "16", "--device", "cpu", "--dim", "8", "--codebook-size", "8",
+            "--window", "0", "--heads", "2", "--modes", "fwd,fwd+bwd", "--warmup", "1",
+            "--repeats", "1"]
+    out = tmp_path / "k"
+    assert main([*base, "--no-bias", "--impls", "naive,linear", "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "kernels.csv")
+    assert set(frame["status"]) == {"ok"} and len(frame) == 4
+    assert (frame[frame["impl"] == "linear"]["rel_err_vs_naive"] < 1e-4).all()
+    capsys.readouterr()
+    assert main([*base, "--impls", "linear"]) == 2
+    assert "--no-bias" in capsys.readouterr().err
+    assert main([*base, "--no-bias", "--impls", "linear,linear-window"]) == 2
+    assert "linear-window" in capsys.readouterr().err
+    negative = [("-1" if arg == "0" else arg) for arg in base]
+    assert main([*negative, "--no-bias", "--impls", "linear"]) == 2
+    assert "--window: -1" in capsys.readouterr().err

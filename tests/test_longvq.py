@@ -138,6 +138,31 @@ def test_bad_field_values_are_refused(field, value):
         build(**{field: value})
 
 
+@pytest.mark.parametrize("model", ["longvq", "transformer_vq"])
+def test_no_window_model(model):
+    """window=0 (no local part, no bias): linear equals naive in the model, and the causal LM
+    never looks ahead; a bias or key_grad="window" at window=0 is refused, naming the fix."""
+    entry = REGISTRY.get(model)
+    sizes = TINY if model == "longvq" else {"d_model": 32, "n_heads": 2, "n_layers": 2,
+                                            "d_ffn": 64, "codebook_size": 8}
+    cfg = entry.make_config(**{**sizes, "window": 0, "local_bias": False, "head": "lm"})
+    torch.manual_seed(0)
+    linear = entry.build(cfg).double().eval()
+    naive = entry.build(cfg.replace(attn_impl="naive")).double().eval()
+    assert_same_function(linear, naive)
+    x = tokens(length=50)
+    changed = x.clone()
+    changed[:, 30:] = tokens(length=20, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x)[:, :30], linear(changed)[:, :30])
+    with pytest.raises(ValueError, match="local_bias"):
+        entry.make_config(**{**sizes, "window": 0})
+    with pytest.raises(ValueError, match="key_grad"):
+        entry.make_config(**{**sizes, "window": 0, "local_bias": False, "key_grad": "window"})
+    with pytest.raises(ValueError, match="window"):
+        entry.make_config(**{**sizes, "window": -1, "local_bias": False})
+
+
 def test_transformer_vq_linear_equals_naive():
     entry = REGISTRY.get("transformer_vq")
     cfg = entry.make_config(d_model=32, n_heads=2, n_layers=2, d_ffn=64, codebook_size=8,

@@ -86,6 +86,41 @@ def test_other_windows(attn_fn, causal, window, strategy):
             window=window)  # fmt: skip
 
 
+@pytest.mark.parametrize("strategy", ["auto", *STRATEGIES])
+@pytest.mark.parametrize("length", [5, 150])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("attn_fn", ["softmax", "laplace"])
+def test_no_window(attn_fn, causal, length, strategy):
+    """W = 0, no local part: the linear path (blocks of NO_WINDOW_BLOCK, three at L = 150) against
+    the oracle; and the oracle at W = 0 is VQ attention without bias at any window."""
+    leaves, codebook, codes = make_inputs(length, 0, torch.float64, attn_fn, False, seed=9)
+    compare(leaves, codebook, codes, 1e-5, strategy, attn_fn=attn_fn, causal=causal, window=0)
+    options = dict(attn_fn=attn_fn, causal=causal)
+    none_o, none_g, grad_out = run(vq_attention_naive, leaves, codebook, codes, window=0,
+                                   **options)
+    other_o, other_g, _ = run(vq_attention_naive, leaves, codebook, codes, grad_out, window=7,
+                              **options)
+    assert_close("o", other_o, none_o, 1e-12)
+    for name in none_g:
+        assert_close(f"d{name}", other_g[name], none_g[name], 1e-12)
+
+
+@pytest.mark.parametrize("impl", ["linear", "naive"])
+def test_no_window_errors(impl):
+    """W = 0 has no bias and no exact local blocks (key_grad="window" would train no key); a
+    negative window is refused. Each error names the value and the fix."""
+    leaves, codebook, codes = make_inputs(20, 0, torch.float32, "softmax", False)
+    args = (leaves["q"], codebook[torch.arange(H)[None, :, None], codes], leaves["v"], codebook,
+            codes)
+    options = dict(attn_fn="softmax", causal=True, impl=impl)
+    with pytest.raises(ValueError, match="window=0 has no local part.*bias"):
+        vq_attention(*args, torch.zeros(1), window=0, **options)
+    with pytest.raises(ValueError, match="key_grad='ste'"):
+        vq_attention(*args, None, window=0, key_grad="window", **options)
+    with pytest.raises(ValueError, match="window must be an int >= 0, got -1"):
+        vq_attention(*args, None, window=-1, **options)
+
+
 @pytest.mark.parametrize(("strategy", "pieces"), [("codes", 1), ("codes", 3), ("dense", 1),
                                                   ("dense", 3)])
 @pytest.mark.parametrize("use_bias", [True, False])

@@ -9,8 +9,9 @@ the gradients wrt q, k (straight-through), v and the bias, with a random upstrea
     triton does not import. (bf16 cannot be checked there: the interpreter's bf16 dots are
     wrong, so bf16 is covered on CUDA only.)
 (b) CUDA (skipped without it): causal x attn_fn x dtype in full, S, D, Dv, W, chunk, bias and
-    key_grad from a covering set of shapes; tolerances per dtype (``TOL``). Autotuning is off
-    there (one config, to bound compile time) except in ``test_autotuned_matches_naive``.
+    key_grad from a covering set of shapes (W = 0 in a test of its own); tolerances per dtype
+    (``TOL``). Autotuning is off there (one config, to bound compile time) except in
+    ``test_autotuned_matches_naive``.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def compare(triton_fn, leaves, codebook, codes, grad_out, dtype, tol, triton_opt
 
 # (attn_fn, causal, bias, key_grad, strategy, window, length, chunk, value_dim): every mode
 # ("past", "far" with and without bias, "all"), both key-gradient semantics and both far-key
-# strategies, chunks of 1-3 windows and tiles (16) that do not align with them, L < W, and
-# Dv = 40: three value tiles of 16 (the last one partial)
+# strategies, chunks of 1-3 windows and tiles (16) that do not align with them, L < W, W = 0,
+# and Dv = 40: three value tiles of 16 (the last one partial)
 INTERPRETER_CASES = [
     ("softmax", True, True, "ste", "dense", 8, 45, 16, 40),
     ("softmax", True, True, "ste", "codes", 5, 37, 15, 16),
@@ -123,6 +124,10 @@ INTERPRETER_CASES = [
     # gather) and, key_grad="window", dk/dv query tiles outside the local blocks (no dk work)
     ("softmax", True, True, "window", "auto", 8, 45, 32, 16),
     ("laplace", False, True, "window", "auto", 8, 45, 32, 40),
+    # W = 0, no local part (run as W = 1): causal chunks of any size, bidirectional "all"
+    ("softmax", True, False, "ste", "split", 0, 45, 16, 40),
+    ("laplace", True, False, "ste", "codes", 0, 37, 5, 16),
+    ("softmax", False, False, "ste", "dense", 0, 37, 16, 16),
 ]
 STABLE_CASES = [True, False]  # causal: large logits (q x 100) and a bias of -20 (softmax)
 
@@ -273,8 +278,14 @@ def test_argument_errors(monkeypatch):
         vq_attention_triton(q, k, v, codebook.float(), codes, bias, window=4, chunk=6, **options)
     with pytest.raises(ValueError, match="float64"):
         vq_attention_triton(q.double(), k, v, codebook, codes, bias, window=4, **options)
-    with pytest.raises(ValueError, match="window"):  # W = 0 is rejected, as by linear and naive
-        vq_attention_triton(q, k, v, codebook.float(), codes, None, window=0, **options)
+    # W = 0 takes no bias and no key_grad="window", as in linear and naive
+    with pytest.raises(ValueError, match="window=0 has no local part"):
+        vq_attention_triton(q, k, v, codebook.float(), codes, bias[:0], window=0, **options)
+    with pytest.raises(ValueError, match="key_grad='ste'"):
+        vq_attention_triton(q, k, v, codebook.float(), codes, None, window=0, key_grad="window",
+                            **options)  # fmt: skip
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        vq_attention_triton(q, k, v, codebook.float(), codes, None, window=-2, **options)
     with pytest.raises(ValueError, match="key_grad_strategy"):
         vq_attention_triton(q, k, v, codebook.float(), codes, bias, window=4,
                             key_grad_strategy="fast", **options)  # fmt: skip
@@ -327,6 +338,22 @@ def test_cuda_matches_naive(one_config, attn_fn, causal, dtype, shape):
                                                   attn_fn, use_bias, seed=1, device="cuda")
     compare(vq_attention_triton, leaves, codebook, codes, grad_out, dtype, TOL[dtype],
             {"chunk": chunk}, attn_fn=attn_fn, causal=causal, window=window, key_grad=key_grad)
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("attn_fn", ["softmax", "laplace"])
+def test_cuda_no_window_matches_naive(one_config, attn_fn, causal, dtype):
+    """W = 0 (no local part: no bias, key_grad="ste"), the grid's last window, at S = 512."""
+    from models.vq_attention.triton import vq_attention_triton
+
+    leaves, codebook, codes, grad_out = make_case(2, 2, 300, 64, 64, 512, 0, attn_fn, False,
+                                                  seed=2, device="cuda")
+    compare(vq_attention_triton, leaves, codebook, codes, grad_out, dtype, TOL[dtype],
+            attn_fn=attn_fn, causal=causal, window=0)
 
 
 @requires_triton

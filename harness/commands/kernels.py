@@ -43,6 +43,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for name in impls:
         if name not in IMPLS:
             raise UsageError(f"--impls: unknown implementation {name!r}; known: {', '.join(IMPLS)}")
+    if args.window < 0:
+        raise UsageError(f"--window: {args.window} must be >= 0 (0: no local part)")
+    if args.window == 0:  # no local part: no bias, and key_grad="window" would train no key
+        if not args.no_bias:
+            raise UsageError("--window 0 has no local part, so no local bias: add --no-bias")
+        windowed = [name for name in impls if IMPLS[name].key_grad == "window"]
+        if windowed and args.impls != "auto":
+            raise UsageError(f"--window 0: {', '.join(windowed)} use key_grad=window, which "
+                             "needs a window >= 1; leave them out of --impls")
+        impls = [name for name in impls if name not in windowed]
     modes = ["fwd+bwd"] if args.backward else [m.strip() for m in args.modes.split(",")
                                                 if m.strip()]
     for mode in modes:
@@ -56,8 +66,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.value_dim < 0:
         raise UsageError(f"--value-dim: {args.value_dim} must be >= 0 (0: same as --dim)")
     for flag, value in (("--batch", args.batch), ("--heads", args.heads), ("--dim", args.dim),
-                        ("--codebook-size", args.codebook_size), ("--window", args.window),
-                        ("--repeats", args.repeats)):
+                        ("--codebook-size", args.codebook_size), ("--repeats", args.repeats)):
         if value < 1:
             raise UsageError(f"{flag}: {value} must be >= 1")
     if args.peak_gbps is not None and args.peak_gbps <= 0:
@@ -181,7 +190,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--value-dim", type=int, default=0, help="head dim of v (0: same as --dim)"
     )
     p_ker.add_argument("--codebook-size", type=int, default=256, help="codes S (256)")
-    p_ker.add_argument("--window", type=int, default=128, help="local window W (128)")
+    p_ker.add_argument("--window", type=int, default=128,
+                       help="local window W (128); 0: no local part (needs --no-bias; the "
+                       "key_grad=window impls are left out)")
     p_ker.add_argument("--attn-fn", default="softmax", help="softmax or laplace")
     p_ker.add_argument("--causal", action="store_true", help="causal (default bidirectional)")
     p_ker.add_argument("--no-bias", action="store_true", help="no local bias")

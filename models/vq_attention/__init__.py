@@ -8,12 +8,12 @@ from torch import Tensor
 
 from models._optional import importable
 
-from ._common import check_choice, to_autocast_dtype
+from ._common import check_choice, check_window, to_autocast_dtype
 from .linear import vq_attention_linear
 from .naive import vq_attention_naive
 
-__all__ = ["IMPLS", "kernel_inputs", "resolve_impl", "triton_available", "vq_attention",
-           "vq_attention_linear", "vq_attention_naive"]
+__all__ = ["IMPLS", "check_window", "kernel_inputs", "resolve_impl", "triton_available",
+           "vq_attention", "vq_attention_linear", "vq_attention_naive"]
 
 IMPLS = ("auto", "linear", "naive", "triton")
 

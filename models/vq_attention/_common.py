@@ -66,6 +66,21 @@ def check_choice(field: str, value: str, known: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r}; known: {', '.join(known)}")
 
 
+def check_window(window: int, has_bias: bool, key_grad: str, bias_name: str = "bias") -> None:
+    """W >= 1, or W = 0: VQ attention with no local part (every key through its code). W = 0
+    has no bias (2W - 1 = -1 offsets) and no exact local blocks, so key_grad="window" would give
+    no key any gradient: both are refused with the fix named. (bias_name: what the caller calls
+    the bias, e.g. a model's ``local_bias``.)"""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    if window == 0 and has_bias:
+        raise ValueError(f"window=0 has no local part, so no local bias: set {bias_name} off "
+                         "or window >= 1")
+    if window == 0 and key_grad == "window":
+        raise ValueError("window=0 has no exact local blocks, so key_grad='window' would give "
+                         "no key a gradient: use key_grad='ste' or window >= 1")
+
+
 def check_inputs(
     q: Tensor,
     k_hat: Tensor,
@@ -79,8 +94,7 @@ def check_inputs(
 ) -> None:
     check_choice("attn_fn", attn_fn, ATTN_FNS)
     check_choice("key_grad", key_grad, KEY_GRADS)
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    check_window(window, bias is not None, key_grad)
     if q.dim() != 4 or k_hat.shape != q.shape:
         raise ValueError(f"q and k_hat must be (B, H, L, D); got {q.shape} and {k_hat.shape}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:

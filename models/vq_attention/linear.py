@@ -13,6 +13,8 @@ Bidirectional without bias needs no local part: the codes cover every key. (MODE
 bidirectional case as codes over all keys plus a window correction phi(z + b) - phi(z); that
 identity is the same, but its subtraction cancels catastrophically when a strongly negative bias
 covers most of a row, e.g. NaN at b = -20 in float32, so every term here stays positive.)
+W = 0, no local part (no bias, key_grad="ste"): without a bias the function does not depend on
+the block size, so it runs with blocks of ``NO_WINDOW_BLOCK``.
 Softmax divides by the same sums with v -> 1, stabilised by a per-query max over the code part
 (log-weights s_i q_i . c_s + log n_s, -inf for absent codes) and the local logits; lse is saved.
 
@@ -71,6 +73,9 @@ from ._local import (
     local_weights,
     to_blocks,
 )
+
+# W = 0 runs with blocks of this size (the causal cache's blocks; LongVQ's default window)
+NO_WINDOW_BLOCK = 64
 
 
 @dataclass
@@ -341,5 +346,5 @@ def vq_attention_linear(
     give the same values."""
     check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
     check_choice("key_grad_strategy", key_grad_strategy, KEY_GRAD_STRATEGIES)
-    options = (attn_fn, key_grad, causal, window, key_grad_strategy)
+    options = (attn_fn, key_grad, causal, window or NO_WINDOW_BLOCK, key_grad_strategy)
     return _VQAttention.apply(q, k_hat, v, codebook, codes, bias, options)

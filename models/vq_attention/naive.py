@@ -5,6 +5,7 @@
     laplace: s_i = 1/n_i (n_i = L, or i + 1 when causal),  O_i = sum_j phi(logit_ij) v_j
              (unnormalised; phi(x) = 0.5 (1 + erf((x - mu) / (sigma sqrt 2))))
     causal: only j <= i.
+    W = 0: no local part (no bias, key_grad="ste"): plain VQ attention over every visible key.
 
 k_hat is used as given, so autograd gives dL/dk_hat for every key (key_grad="ste"); with
 k_hat = codebook[codes] + (k - k.detach()) (straight-through) that is dL/dk. This is the test

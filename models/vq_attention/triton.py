@@ -56,10 +56,9 @@ Backward (g_ij = dL/dlogit_ij = P'_ij (dO_i . v_j - delta_i), as in ``linear.py`
 Torch does the small glue: the sum of the d(bias) rows, dtype casts (delta = rowsum(dO O):
 ``_delta_kernel``). Block sizes are autotuned (``triton.autotune``, keyed on S, D, Dv, W, CH
 and a power-of-two bucket of L; the cache sums on B H instead of L);
-``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use the first config. As in
-``linear.py``/``naive.py`` the window must be >= 1 (W = 0 is rejected by ``check_inputs``; "no local
-part" is the bidirectional op without bias). Inputs: float32, bfloat16 or float16 on CUDA (float64:
-use ``linear``); CPU tensors only under the interpreter.
+``LONGVQ_TRITON_AUTOTUNE=0`` (and the interpreter) use the first config. W = 0 (no local part:
+no bias, key_grad="ste", as in ``linear.py``/``naive.py``) runs as W = 1. Inputs: float32,
+bfloat16 or float16 on CUDA (float64: use ``linear``); CPU tensors only under the interpreter.
 """
 
 from __future__ import annotations
@@ -1452,9 +1451,12 @@ def vq_attention_triton(
     key_grad_strategy for key_grad="ste": "dense" (Triton, every pair, in the dk/dv kernel),
     "split" (Triton, every pair; the far query rows in a second kernel spread over many
     programs), "codes" (torch per-code states for the far keys) or "auto" ("split" up to L =
-    DENSE_MAX_LEN, then "codes"). chunk: query chunk size CH, a multiple of ``window``
-    (default ``default_chunk(window)``)."""
+    DENSE_MAX_LEN, then "codes"). chunk: query chunk size CH, a multiple of ``window`` (any
+    size when W = 0; default ``default_chunk(window)``)."""
     check_inputs(q, k_hat, v, codebook, codes, bias, attn_fn, window, key_grad)
+    # W = 0 (no bias, key_grad="ste") is the same function at any W: at W = 1 a causal chunk's
+    # band holds one key before the chunk, and bidirectional reads every key through codes
+    window = window or 1
     check_choice("key_grad_strategy", key_grad_strategy, TRITON_KEY_GRAD_STRATEGIES)
     if not q.is_cuda and not interpreting():
         raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}); use impl='linear'")
