@@ -161,7 +161,8 @@ class LinearAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(batch, length, width))
 
 
-@register("linear_attn", family="attention", config=LinearAttnConfig)
+@register("linear_attn", family="attention", config=LinearAttnConfig,
+          reference={"use_fla": False})
 def build_linear_attn(cfg: LinearAttnConfig) -> SequenceModel:
     """Linear attention (elu+1 features): fla chunk kernel on CUDA, chunked torch elsewhere."""
     return SequenceModel(cfg, lambda c, _i: PreNormBlock(c, LinearAttention(c)))

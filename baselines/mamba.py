@@ -164,7 +164,8 @@ def make_block(cfg: MambaConfig, layer_idx: int) -> nn.Module:
                       mamba_reference_forward, "mamba")
 
 
-@register("mamba", family="ssm", config=MambaConfig, causal=True, bidirectional=True)
+@register("mamba", family="ssm", config=MambaConfig, causal=True, bidirectional=True,
+          reference={"use_fast_path": False})
 def build_mamba(cfg: MambaConfig) -> SequenceModel:
     """Mamba (selective SSM): mamba_ssm.Mamba on CUDA, sequential torch reference elsewhere."""
     return SequenceModel(cfg, make_block)

@@ -206,7 +206,8 @@ def make_block(cfg: Mamba2Config, layer_idx: int) -> nn.Module:
                       mamba2_reference_forward, "mamba2")
 
 
-@register("mamba2", family="ssm", config=Mamba2Config, causal=True, bidirectional=True)
+@register("mamba2", family="ssm", config=Mamba2Config, causal=True, bidirectional=True,
+          reference={"use_fast_path": False})
 def build_mamba2(cfg: Mamba2Config) -> SequenceModel:
     """Mamba-2 (SSD): mamba_ssm.Mamba2 on CUDA, chunked-SSD torch reference elsewhere."""
     return SequenceModel(cfg, make_block)

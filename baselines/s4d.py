@@ -35,7 +35,7 @@ from torch import nn
 from harness.backbone import FeedForward, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
-from models.ssm import S4D, S4D_CONVS, S4DOutput
+from models.ssm import S4D, S4D_CONVS, S4DOutput, resolve_s4d_conv
 
 
 @dataclass
@@ -61,6 +61,10 @@ class S4DConfig(ModelConfig):
             raise ValueError(f"ssm_lr must be >= 0, got {self.ssm_lr}")
         if self.ssm_conv not in S4D_CONVS:
             raise ValueError(f"ssm_conv={self.ssm_conv!r}; choose one of {', '.join(S4D_CONVS)}")
+
+    def resolved_for(self, seq_len: int, device: str, compiled: bool) -> S4DConfig:
+        return self.replace(ssm_conv=resolve_s4d_conv(self.ssm_conv, seq_len,
+                                                      torch.device(device), compiled))
 
 
 def tied_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -113,7 +117,8 @@ class S4DBlock(nn.Module):
         return x
 
 
-@register("s4d", family="ssm", config=S4DConfig, causal=True, bidirectional=True)
+@register("s4d", family="ssm", config=S4DConfig, causal=True, bidirectional=True,
+          reference={"ssm_conv": "fft"})
 def build_s4d(cfg: S4DConfig) -> SequenceModel:
     """S4D (diagonal SSM; FFT conv, chunked scan at long L on CUDA) residual blocks as in
     state-spaces/s4 example.py."""

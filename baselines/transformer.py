@@ -131,7 +131,8 @@ def build_vanilla(cfg: TransformerConfig) -> SequenceModel:
     return build_transformer(cfg, "vanilla")
 
 
-@register("transformer_sdpa", family="transformer", config=TransformerConfig)
+@register("transformer_sdpa", family="transformer", config=TransformerConfig,
+          reference_entry="transformer_vanilla")
 def build_sdpa(cfg: TransformerConfig) -> SequenceModel:
     """Transformer, scaled_dot_product_attention (flash / mem-efficient on GPU)."""
     return build_transformer(cfg, "sdpa")

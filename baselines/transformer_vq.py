@@ -82,7 +82,8 @@ class VQSelfAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(batch, length, width))
 
 
-@register("transformer_vq", family="transformer", config=TransformerVQConfig)
+@register("transformer_vq", family="transformer", config=TransformerVQConfig,
+          reference={"attn_impl": "naive"})
 def build_transformer_vq(cfg: TransformerVQConfig) -> SequenceModel:
     """Transformer-VQ: VQ keys + per-block cache, linear time (Lingle 2023)."""
     return SequenceModel(cfg, lambda c, _layer: PreNormBlock(c, VQSelfAttention(c)))

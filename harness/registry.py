@@ -48,6 +48,10 @@ class Entry:
     bidirectional: bool = True  # supports the classification head
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    # what the fast-path check compares this entry with (harness/fast_path_check.py): config
+    # fields selecting the in-project reference implementations, or another entry's name
+    reference: dict[str, Any] = field(default_factory=dict)
+    reference_entry: str = ""
 
     def make_config(self, **overrides: Any) -> ModelConfig:
         base = self.config_cls(**self.defaults)
@@ -85,10 +89,21 @@ class Registry:
         causal: bool = True,
         bidirectional: bool = True,
         description: str = "",
+        reference: dict[str, Any] | None = None,
+        reference_entry: str = "",
         **defaults: Any,
     ) -> Callable[[Builder], Builder]:
+        """``reference``/``reference_entry``: what the fast-path check compares the entry with
+        before it is timed (config fields selecting its reference kernels, or an entry with the
+        same config class); neither for a model that is its own reference."""
         if not name or not name.replace("_", "").isalnum():
             raise ValueError(f"registry names are identifiers, got {name!r}")
+        if reference and reference_entry:
+            raise ValueError(f"{name}: give reference fields or a reference entry, not both")
+        for key in reference or {}:
+            if key not in config.__dataclass_fields__:
+                raise ValueError(f"{name}: reference field {key!r} is not a field of "
+                                 f"{config.__name__}")
 
         def decorator(builder: Builder) -> Builder:
             module = getattr(builder, "__module__", "?")
@@ -109,6 +124,8 @@ class Registry:
                 bidirectional=bidirectional,
                 description=doc,
                 defaults=dict(defaults),
+                reference=dict(reference or {}),
+                reference_entry=reference_entry,
             )
             return builder
 

@@ -322,6 +322,31 @@ def backbone_text(frame: pd.DataFrame) -> str:
             f"Params: {params or '-'}.")
 
 
+def check_text(frame: pd.DataFrame) -> str:
+    """The fast-path checks of the rows (harness/fast_path_check.py), one clause per model."""
+    if "check" not in frame or frame["check"].isna().all():
+        return ("Fast-path check: not recorded (rows written before the harness checked each "
+                "model's fast kernels against its reference).")
+    clauses = []
+    for model, rows in frame.groupby("model", sort=True):
+        statuses = set(rows["check"].dropna().astype(str))
+        errors = pd.to_numeric(rows.get("check_rel_err"), errors="coerce").dropna()
+        against = ", ".join(sorted(set(rows["check_reference"].dropna().astype(str))))
+        if statuses & {"failed", "error"}:
+            text = "FAILED (rows not timed)" if "failed" in statuses else "could not run"
+        elif "passed" in statuses:
+            text = f"passed vs {against}, max rel err {errors.max():.1e}"
+        elif "reference" in statuses:
+            text = f"no fast path ran ({against})"
+        elif "skipped" in statuses:
+            text = "skipped (--skip-check)"
+        else:
+            text = "no reference (the model is its own)" if statuses else "not recorded"
+        clauses.append(f"`{model}` {text}")
+    return ("Fast-path check (before timing, each model's fast kernels against its reference "
+            "on this device: logits and every gradient, one layer): " + "; ".join(clauses) + ".")
+
+
 def _memory_budgets(frame: pd.DataFrame) -> str:
     """'0.5 (longvq[...])' for the models run with an activation memory budget below 1."""
     if "activation_memory_budget" not in frame:
@@ -349,7 +374,7 @@ def preset_blocks(rows: pd.DataFrame, out_dir: Path | None, plot_dir_rel: str, s
     table and log-log plots of time and memory vs L (written under ``out_dir``; no plots when
     it is None)."""
     rows = paper_ratios(rows)
-    blocks: list[Block] = [Text(backbone_text(rows)), paper_table(rows)]
+    blocks: list[Block] = [Text(backbone_text(rows)), paper_table(rows), Text(check_text(rows))]
     causal_only = sorted(set(rows[rows["head"] == "lm"]["model"])) if "head" in rows else []
     if causal_only:
         blocks.append(Text(f"{', '.join(f'`{m}`' for m in causal_only)}: no bidirectional mode, "
@@ -411,7 +436,7 @@ def efficiency_report(frame: pd.DataFrame, out_dir: Path,
 # -- files of `efficiency --preset ... --out DIR` and `--profile` ------------------------------
 PRESET_CSV_COLUMNS = [
     "model", "backend", "seq_len", "batch", "head", "compile", "activation_memory_budget",
-    "cuda_graph", "status", "message",
+    "cuda_graph", "status", "message", "check", "check_rel_err", "check_reference",
     "ms_median",
     "ms_p20", "ms_p80", "tokens_per_s", "peak_mem_mib", "params", "speed_x_vanilla",
     "mem_x_vanilla", "speed_x_sdpa", "mem_x_sdpa", "d_model", "n_layers", "d_ffn", "n_heads",

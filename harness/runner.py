@@ -13,6 +13,10 @@ per token does not shrink as L grows for any model here (linear or quadratic in 
 holds for time, so a cell stopped as ``too-slow`` (measure's ``max_step_s``) skips the longer
 ones as ``error`` / ``skipped-after-too-slow`` (error rows are not final: a rerun retries them).
 Skipped rows are ordinary rows (a resumed sweep keeps them; ``--force`` measures them).
+
+Before a cell is timed its model's fast kernels are checked against its reference
+(harness/fast_path_check.py); a cell that fails is written as ``wrong``, untimed (not final:
+a rerun checks again).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import pandas as pd
 import torch
 
 from harness.config import config_hash
-from harness.measure import TOO_SLOW, EfficiencyCell, measure
+from harness.fast_path_check import CheckResult, FastPathChecks
+from harness.measure import TOO_SLOW, CellOutcome, EfficiencyCell, free_memory, measure
 from harness.provenance import provenance
 from harness.registry import Entry, ModelSpec
 from harness.store import CellRecord, Store
@@ -38,7 +43,8 @@ CSV_COLUMNS = [
     "model", "backend", "seq_len", "batch", "status", "ms_median", "ms_p20", "ms_p80",
     "tokens_per_s", "peak_mem_mib", "params", "device", "dtype", "d_model", "n_layers",
     "n_heads", "d_ffn", "head", "compile", "activation_memory_budget", "cuda_graph", "preset",
-    "codebook_utilisation", "codebook_perplexity", "message", "torch", "cuda", "tf32",
+    "codebook_utilisation", "codebook_perplexity", "check", "check_rel_err", "check_reference",
+    "message", "torch", "cuda", "tf32",
     "git_commit", "timestamp", "cell_key",
 ]
 
@@ -135,17 +141,37 @@ def cell_key(cell: EfficiencyCell, model_config: Any, device_label: str, preset:
     return config_hash(payload)
 
 
+def checked_measure(planned: PlannedCell, checks: FastPathChecks) -> CellOutcome:
+    """The fast-path check, then (unless it failed) the measurement; the row gets both."""
+    c = planned.cell
+    try:
+        check = checks.check(planned.entry, planned.model_config, c.seq_len, c.device, c.dtype,
+                             c.compile)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run says why, untimed
+        return CellOutcome("error", f"fast-path check: {type(exc).__name__}: {exc}",
+                           CheckResult("error").row_fields())
+    finally:
+        free_memory(torch.device(c.device))
+    if check.status == "failed":
+        return CellOutcome("wrong", check.message, {"backend": check.backend,
+                                                    **check.row_fields()})
+    outcome = measure(planned.entry, planned.model_config, c, max_step_s=planned.max_step_s)
+    outcome.metrics.update(check.row_fields())
+    return outcome
+
+
 def run_cell(planned: PlannedCell, store: Store, prov: dict[str, Any],
-             extra_cell: dict[str, Any] | None = None) -> CellRecord:
-    """Measure one cell and write its row; ``extra_cell`` (e.g. the sweep's name) is recorded
-    with the cell's description but is not part of its key."""
+             extra_cell: dict[str, Any] | None = None,
+             checks: FastPathChecks | None = None) -> CellRecord:
+    """Check and measure one cell and write its row; ``extra_cell`` (e.g. the sweep's name) is
+    recorded with the cell's description but is not part of its key. ``checks``: the run's
+    fast-path checks (each model config is checked once per run); default, a new one."""
     cell = {**planned.cell.to_dict(), **planned.extra_cell(), **(extra_cell or {}),
             "model_config": planned.model_config.to_dict()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            outcome = measure(planned.entry, planned.model_config, planned.cell,
-                              max_step_s=planned.max_step_s)
+            outcome = checked_measure(planned, checks or FastPathChecks())
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the row says so (a rerun measures it)
             store.write(CellRecord(planned.key, "efficiency", planned.cell.model, "interrupted",
                                    cell, provenance=prov, message="interrupted (Ctrl-C)"))
@@ -211,6 +237,7 @@ def run_cells(
     force: bool = False,
     on_cell: Callable[[PlannedCell, CellRecord | None], None] | None = None,
     skip_after_failure: bool = False,
+    checks: FastPathChecks | None = None,
 ) -> None:
     """Run every planned cell not already final in the store; ``on_cell`` reports progress.
 
@@ -218,6 +245,7 @@ def run_cells(
     plan each model's lengths ascending to skip as much as possible).
     """
     prov_by_device: dict[str, dict[str, Any]] = {}
+    checks = checks or FastPathChecks()
     failures: dict[tuple[Any, ...], list[tuple[int, int, str]]] = {}
 
     def prov_for(device: str) -> dict[str, Any]:
@@ -246,7 +274,7 @@ def run_cells(
             record = skipped_record(item, failure, prov_for(item.cell.device))
             store.write(record)
         else:
-            record = run_cell(item, store, prov_for(item.cell.device))
+            record = run_cell(item, store, prov_for(item.cell.device), checks=checks)
             note(item, record.status, record.message)
         if on_cell:
             on_cell(item, record)

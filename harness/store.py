@@ -24,7 +24,9 @@ import sqlalchemy as sa
 
 FINAL_STATUSES = frozenset({"ok", "oom", "diverged"})
 # "pruned": stopped early by a tuner; not final, so a plain rerun of the same config trains it
-STATUSES = FINAL_STATUSES | {"error", "interrupted", "running", "pruned"}
+# "wrong": the model's fast kernels failed their check against its reference (not timed); not
+# final, so a rerun after a fix checks and measures it
+STATUSES = FINAL_STATUSES | {"error", "interrupted", "running", "pruned", "wrong"}
 
 _metadata = sa.MetaData()
 cells_table = sa.Table(

@@ -49,7 +49,7 @@ from torch import nn
 from harness.backbone import FeedForward, SequenceModel
 from harness.config import ModelConfig
 from harness.registry import register
-from models.ssm import S4D_CONVS, build_memory
+from models.ssm import S4D_CONVS, build_memory, resolve_s4d_conv
 from models.vq import VectorQuantizer
 from models.vq_attention import (
     check_window,
@@ -101,6 +101,12 @@ class LongVQConfig(ModelConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         check_window(self.window, self.local_bias, self.key_grad, bias_name="local_bias")
+
+    def resolved_for(self, seq_len: int, device: str, compiled: bool) -> LongVQConfig:
+        if self.ssm != "s4d":
+            return self
+        return self.replace(ssm_conv=resolve_s4d_conv(self.ssm_conv, seq_len,
+                                                      torch.device(device), compiled))
 
     @property
     def value_dim(self) -> int:
@@ -208,7 +214,8 @@ class LongVQLayer(nn.Module):
         return y
 
 
-@register("longvq", family="longvq", config=LongVQConfig)
+@register("longvq", family="longvq", config=LongVQConfig,
+          reference={"attn_impl": "naive", "ssm_conv": "fft"})
 def build_longvq(cfg: LongVQConfig) -> SequenceModel:
     """LongVQ: SSM memory + vector-quantised attention + local bias (linear time)."""
     return SequenceModel(cfg, lambda c, _layer: LongVQLayer(c))

@@ -92,6 +92,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 def run(args: argparse.Namespace, console: Console) -> int:
 
+    from harness.fast_path_check import FastPathChecks
     from harness.runner import plan_shapes, results_frame, run_cells
     from harness.store import Store
 
@@ -167,9 +168,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 raise FailFast(f"{label}: {record.status} {record.message[:200]}")
 
         exit_code = 0
+        checks = FastPathChecks(skip=args.skip_check)
         try:
             run_cells(planned, store, force=args.force, on_cell=on_cell,
-                      skip_after_failure=settings.skip_after_failure)
+                      skip_after_failure=settings.skip_after_failure, checks=checks)
         except KeyboardInterrupt:
             # the finished rows still get their tables and files (a long sweep cut by a time
             # limit keeps its partial results); a rerun measures only what is missing
@@ -182,6 +184,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         except FailFast as exc:
             console.print(f"[red]stopped (--fail-fast)[/red]: {exc}")
             return 1
+        finally:
+            for line in checks.summary():
+                console.print(line, markup=False)
     frame = results_frame(store, planned)
     if preset is not None:
         print_preset(frame, preset.name, Path(args.out) if args.out else None, console)
@@ -494,6 +499,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p_eff.add_argument(
         "--force", action="store_true", help="re-measure cells even when the store already has them"
+    )
+    p_eff.add_argument(
+        "--skip-check", dest="skip_check", action="store_true",
+        help="time without first checking each model's fast kernels (Triton, mamba-ssm, fla, "
+        "SDPA, chunked S4D) against its reference on this device; by default a model whose "
+        "check fails is not timed (status wrong). Rows record check=skipped",
     )
     p_eff.add_argument(
         "--fail-fast", dest="fail_fast", action="store_true",
