@@ -116,7 +116,22 @@ def test_report_without_store_is_clear(tmp_path, capsys):
     assert "missing.db" in capsys.readouterr().err
 
 
-def test_list_shows_entries(capsys):
-    assert main(["list", "--device", "cpu"]) == 0
+def test_list_shows_entries(capsys, tmp_path):
+    missing = tmp_path / "none.db"
+    assert main(["list", "--device", "cpu", "--store", str(missing)]) == 0
     out = capsys.readouterr().out
     assert "transformer_vanilla" in out and "transformer_sdpa" in out and "sdpa-" in out
+    assert "no store at" in out and not missing.exists()  # list never creates a store
+
+
+def test_list_shows_the_longest_length_each_model_ran(tmp_path):
+    from harness.commands.list_models import max_tested_lengths
+
+    store = tmp_path / "b.db"
+    assert main(["efficiency", "--models", "transformer_vanilla,longvq[key_grad=window]",
+                 "--lengths", "16,32", "--batch", "2", "--device", "cpu", "--warmup", "1",
+                 "--steps", "1", "--set", "d_model=16", "n_layers=1", "n_heads=2", "d_ffn=32",
+                 "--store", str(store)]) == 0
+    tested = max_tested_lengths(str(store))
+    assert set(tested) == {"transformer_vanilla", "longvq"}  # a variant counts for its entry
+    assert tested["longvq"].startswith("32 on cpu")
