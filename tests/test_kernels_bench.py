@@ -130,3 +130,13 @@ def test_cli_no_window(tmp_path, capsys):
     negative = [("-1" if arg == "0" else arg) for arg in base]
     assert main([*negative, "--no-bias", "--impls", "linear"]) == 2
     assert "--window: -1" in capsys.readouterr().err
+
+
+def test_cli_quick_defaults(tmp_path):
+    """--quick: CPU-sized lengths and repeats unless given (every command takes --quick)."""
+    out = tmp_path / "k"
+    assert main(["kernels", "--quick", "--impls", "linear", "--device", "cpu", "--dim", "8",
+                 "--codebook-size", "8", "--window", "4", "--warmup", "1", "--out",
+                 str(out)]) == 0
+    assert sorted(pd.read_csv(out / "kernels.csv")["seq_len"]) == [256, 512]
+    assert main(["list", "--quick", "--device", "cpu", "--store", str(tmp_path / "x.db")]) == 0

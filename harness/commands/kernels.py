@@ -60,6 +60,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise UsageError(f"--modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
     if not modes:
         raise UsageError("--modes: give at least one of fwd, fwd+bwd")
+    if args.lengths is None:
+        args.lengths = "256,512" if args.quick else "2k,4k,8k,16k"
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     lengths = parse_int_list(args.lengths, "--lengths")
     if args.attn_fn not in ("softmax", "laplace"):
         raise UsageError(f"--attn-fn: {args.attn_fn!r}; choose softmax or laplace")
@@ -181,7 +185,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "fla-linear (auto: triton,triton-window,linear,sdpa-flash,fla-linear on cuda, "
         "naive,linear on cpu)",
     )
-    p_ker.add_argument("--lengths", default="2k,4k,8k,16k", help="sequence lengths (1k = 1024)")
+    p_ker.add_argument("--lengths", default=None,
+                       help="sequence lengths (1k = 1024; default 2k,4k,8k,16k, --quick 256,512)")
     p_ker.add_argument("--modes", default="fwd", help="comma-separated: fwd, fwd+bwd (fwd)")
     p_ker.add_argument("--batch", type=int, default=1, help="batch size (1)")
     p_ker.add_argument("--heads", type=int, default=1, help="heads (1: LongVQ is single-head)")
@@ -206,7 +211,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p_ker.add_argument("--warmup", type=int, default=2,
                        help="untimed runs per cell, at least 1 (2)")
-    p_ker.add_argument("--repeats", type=int, default=5, help="timed runs per cell (5)")
+    p_ker.add_argument("--repeats", type=int, default=None,
+                       help="timed runs per cell (5; 2 with --quick)")
+    p_ker.add_argument("--quick", action="store_true",
+                       help="CPU smoke run: lengths 256,512 and 2 timed runs per cell unless given")
     p_ker.add_argument("--peak-gbps", type=float, default=None,
                        help="peak memory bandwidth (GB/s) for the %% column (default: by device "
                        "name, H100 SXM 3350, H200 4800; unknown devices 3350)")

@@ -80,4 +80,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "on this device, parameter count at default size, modes, and the longest sequence "
         "length each ran at (an ok efficiency or training row in --store, with its device).",
     )
+    p_list.add_argument("--quick", action="store_true",
+                        help="accepted as by every command; list is quick already (no effect)")
     p_list.set_defaults(func=run)

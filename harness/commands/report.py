@@ -41,4 +41,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         default=str(REPO_ROOT / "results"),
         help="folder for REPORT.md, report.html and plots/ (default: results/)",
     )
+    p_rep.add_argument("--quick", action="store_true",
+                       help="accepted as by every command; the report only reads the store (no "
+                       "effect)")
     p_rep.set_defaults(func=run)
