@@ -143,9 +143,12 @@ class FastPathChecks:
     registry: Registry = REGISTRY
     skip: bool = False
     results: dict[tuple[Any, ...], CheckResult] = field(default_factory=dict)
+    labels: dict[tuple[Any, ...], str] = field(default_factory=dict)  # for the summary
 
     def check(self, entry: Entry, config: ModelConfig, seq_len: int, device: str, dtype: str,
-              compiled: bool) -> CheckResult:
+              compiled: bool, label: str = "") -> CheckResult:
+        """The check of ``entry`` at ``config`` for a cell of ``seq_len`` (made once per
+        config, device, dtype and check length); ``label``: the model as the run names it."""
         if self.skip:
             return CheckResult("skipped")
         # one layer (see the module docstring), eager: the memory budget applies to compile only
@@ -157,6 +160,7 @@ class FastPathChecks:
         length = min(seq_len, CHECK_LENGTH)
         key = (entry.name, config_hash(pinned.to_dict()), device, dtype, length)
         if key not in self.results:
+            self.labels[key] = label or entry.name
             self.results[key] = compare(entry, pinned, *pair, torch.device(device), dtype,
                                         length)
         return self.results[key]
@@ -164,8 +168,9 @@ class FastPathChecks:
     def summary(self) -> list[str]:
         """One line per check this run made (the cells reused them)."""
         lines = []
-        for (model, _config, device, dtype, length), result in self.results.items():
-            what = f"{model} ({result.backend})"
+        for key, result in self.results.items():
+            _name, _config, device, dtype, length = key
+            what = f"{self.labels[key]} ({result.backend})"
             if result.status == "reference":
                 text = "no fast path ran: it is its own reference here"
             elif result.status == "passed":

@@ -146,7 +146,7 @@ def checked_measure(planned: PlannedCell, checks: FastPathChecks) -> CellOutcome
     c = planned.cell
     try:
         check = checks.check(planned.entry, planned.model_config, c.seq_len, c.device, c.dtype,
-                             c.compile)
+                             c.compile, label=c.model)
     except Exception as exc:  # noqa: BLE001 - a check that cannot run says why, untimed
         return CellOutcome("error", f"fast-path check: {type(exc).__name__}: {exc}",
                            CheckResult("error").row_fields())
