@@ -4,7 +4,7 @@
 import os
 import sys
 
-# The CPU memory measurement uses torch.profiler; keep its kineto start/stop lines off stderr.
+# `efficiency --profile` runs torch.profiler; keep its kineto start/stop lines off stderr.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 from harness.cli import main  # noqa: E402

@@ -112,3 +112,8 @@ def fixed_values(args) -> dict:
     values: dict = dict(parse_assignments(args.set or [], "--set"))
     values.update({f"task.{k}": v for k, v in parse_task_options(args.task_opt or []).items()})
     return values
+
+
+def fixed_flag(key: str) -> str:
+    """The flag a ``fixed_values`` key came from (--task-opt keys are routed as task.<name>)."""
+    return "--task-opt" if key.startswith("task.") else "--set"

@@ -128,7 +128,7 @@ def efficiency_sections(frame: pd.DataFrame, out_dir: Path) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Efficiency"), Text(
         "Training steps (forward + backward + AdamW) on random tokens; median over the timed "
         "steps after warm-up. Peak memory is allocated memory (CUDA: max_memory_allocated; "
-        "CPU: resident tensors + profiler allocation peak). Ratios compare with the "
+        "CPU: resident tensors + resident-set growth during one step). Ratios compare with the "
         "reference model at the same L in the same group (> 1: faster / smaller).")]
     frame = normalised(frame)
     keys = [k for k in GROUP_KEYS if k in frame]

@@ -25,6 +25,9 @@ from harness.report_train import _image, slug
 from harness.store import Store
 
 MIN_COMPLETE = 2
+# objective of studies that do not name theirs (user attr "objective"), by kind: sweeps, and
+# tune studies made before tune optimised validation accuracy (they optimised test accuracy)
+LEGACY_OBJECTIVES = {"tune": "test_acc", "train": "test_acc", "efficiency": "tokens_per_s"}
 
 
 def _fmt(value: Any) -> str:
@@ -49,7 +52,7 @@ def optuna_sections(store: Store, out_dir: Path) -> list[Block]:
                               f"{exc}")]
     if not summaries:
         return []
-    overview = Table(["study", "kind", "direction", "complete", "pruned", "failed",
+    overview = Table(["study", "kind", "objective", "direction", "complete", "pruned", "failed",
                       "best value", "best trial"], [])
     details: list[Block] = []
     skipped: list[str] = []
@@ -65,15 +68,18 @@ def optuna_sections(store: Store, out_dir: Path) -> list[Block]:
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         best = study.best_trial
         kind = study.user_attrs.get("kind") or summary.study_name.split("-", 1)[0]
-        overview.rows.append([f"`{summary.study_name}`", str(kind),
+        objective = study.user_attrs.get("objective") or LEGACY_OBJECTIVES.get(str(kind), "?")
+        overview.rows.append([f"`{summary.study_name}`", str(kind), str(objective),
                               "maximize" if maximize else "minimize",
                               str(len(complete)), str(counts[optuna.trial.TrialState.PRUNED]),
                               str(counts[optuna.trial.TrialState.FAIL]), _fmt(best.value),
                               f"#{best.number}"])
         details += study_blocks(study, complete, maximize, out_dir)
     blocks.append(Text(
-        f"Studies with at least {MIN_COMPLETE} complete trials; the objective is the test "
-        "accuracy of train cells (efficiency sweeps: tokens/s)."
+        f"Studies with at least {MIN_COMPLETE} complete trials. Objective: `tune` studies "
+        "maximise validation accuracy (`val_acc_best`; test accuracy is only reported, as the "
+        "trials' user attribute `test_acc`), train sweeps record the test accuracy of each grid "
+        "cell, efficiency sweeps tokens/s."
         + (f" Not shown: {', '.join(skipped)}." if skipped else "")))
     if overview.rows:
         blocks.append(overview)

@@ -15,7 +15,9 @@ Distribution and resumption:
   concurrency) never both run it, and a cell already final in the store is never rerun;
 - heartbeats mark the trials of a dead worker failed; after the sampler stops, each worker runs a
   completion pass over the grid and takes any cell that is still missing (its worker died, or a
-  duplicate pick hid it). A rerun of the same sweep therefore finishes exactly what is left.
+  duplicate pick hid it). A rerun of the same sweep therefore finishes exactly what is left;
+  a cell that ended non-final (``error``, ``interrupted``) is retried by the next rerun, never
+  twice in one invocation.
 
 Field routing for a grid point (base values, then the point): ``model`` picks the registry entry;
 TrainConfig / EfficiencyCell fields (``seq_len``, ``lr``, ``steps``, ``batch``, ``seed``, ...) go
@@ -25,6 +27,7 @@ model's config (``codebook_size``, ``attn_fn``, ``local_bias``, ...) — else on
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import os
@@ -158,9 +161,11 @@ def _route(entry: Entry, values: dict[str, Any], run_fields: set[str]) -> tuple[
         elif name in model_fields:
             model[name] = value
         else:
-            raise ValueError(f"sweep field {name!r} is neither a run field "
+            close = difflib.get_close_matches(name, [*run_fields, *model_fields], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"field {name!r} is neither a run field "
                              f"({', '.join(sorted(run_fields))}), a task option (task.<name>) "
-                             f"nor a field of {entry.name}'s config")
+                             f"nor a field of {entry.name}'s config{hint}")
     return run, model, task
 
 
@@ -265,14 +270,20 @@ def _check_efficiency_cell(cell: EfficiencyCell) -> None:
 
 
 # -- the study -----------------------------------------------------------------------------------
-def _storage(store: Store) -> optuna.storages.RDBStorage:
+def _storage(store: Store | str) -> optuna.storages.RDBStorage:
+    """optuna's RDB storage on the store's database (or on a database URL)."""
+    import sqlalchemy as sa
+
+    url = store if isinstance(store, str) else store.url
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs: dict[str, Any] = {"heartbeat_interval": 60, "grace_period": 180}
-    if store.url.startswith("sqlite"):
+    if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     for attempt in range(5):  # workers starting together race to create optuna's tables
         try:
-            return optuna.storages.RDBStorage(store.url, **kwargs)
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (ImportError, sa.exc.ArgumentError):
+            raise  # a malformed URL or a missing database driver: retrying cannot help
         except Exception:  # noqa: BLE001 - sqlalchemy errors of the losing worker; retried
             if attempt == 4:
                 raise
@@ -294,6 +305,9 @@ class SweepProgress:
     skipped: int = 0
     busy: int = 0  # running in another worker
     statuses: dict[str, int] = field(default_factory=dict)
+    # keys of the cells this invocation ran: a non-final one (error, interrupted) is retried by a
+    # later rerun of the command, never twice in one invocation
+    ran_keys: set[str] = field(default_factory=set)
 
 
 def plan_sweep(spec: SweepSpec, device: str, dtype: str, quick: bool) -> dict[str, Cell]:
@@ -360,7 +374,7 @@ def run_sweep(spec: SweepSpec, store: Store, cells: dict[str, Cell], seed: int =
     optimize(None)  # GridSampler stops the study when it is exhausted
     for cell in cells.values():  # completion pass: what a dead worker or a duplicate pick left
         status = store.status_of(cell.key)
-        if status in FINAL_STATUSES:
+        if status in FINAL_STATUSES or cell.key in progress.ran_keys:
             continue
         study.enqueue_trial(cell.params, skip_if_exists=False)
         optimize(1)
@@ -375,6 +389,8 @@ def _run_or_reuse(cell: Cell, store: Store, progress: SweepProgress,
         if on_cell:
             on_cell(cell, None, "already in store")
         return _stored_value(store, cell.key, kind_objective)
+    if cell.key in progress.ran_keys:  # e.g. an exhausted GridSampler re-picking an error cell
+        return _stored_value(store, cell.key, kind_objective)
     claim = CellRecord(cell_key=cell.key, kind=cell.kind, model=cell.model, status="running",
                        cell=cell.describe)
     if not store.claim(claim):
@@ -382,6 +398,7 @@ def _run_or_reuse(cell: Cell, store: Store, progress: SweepProgress,
         if on_cell:
             on_cell(cell, None, "running in another worker")
         return None
+    progress.ran_keys.add(cell.key)
     try:
         log = os.environ.get("LONGVQ_SWEEP_RUN_LOG")
         if log:  # one line per cell this worker actually runs (tests check "exactly once")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler chatter in the CPU memory probe
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler chatter (profile tests)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -139,6 +139,25 @@ def test_sweep_fail_fast_stops_at_first_bad_cell(tmp_path, faulty_model, capsys)
     assert list(rows(store)["status"]) == ["error"] * 3
 
 
+def test_sweep_runs_an_error_cell_once_per_invocation(tmp_path, faulty_model, monkeypatch,
+                                                     capsys):
+    """The completion pass must not rerun a cell this invocation already ran (and stored as
+    error); the next invocation retries it, once."""
+    store, log = str(tmp_path / "s.db"), tmp_path / "ran.log"
+    monkeypatch.setenv("LONGVQ_SWEEP_RUN_LOG", str(log))
+    argv = ["sweep", "--model", faulty_model, "--grid", "fault=none,error", "seq_len=16",
+            *TINY_EFF, "--store", store]
+    assert main(argv) == 0
+    counts = Counter(line.split()[0] for line in log.read_text().splitlines())
+    assert sorted(counts.values()) == [1, 1], counts
+    assert sorted(rows(store)["status"]) == ["error", "ok"]
+    assert "2/2" in capsys.readouterr().out  # the progress bar, not 3/2
+    assert main(argv) == 0  # a rerun retries the error cell, once, and skips the ok one
+    counts = Counter(line.split()[0] for line in log.read_text().splitlines())
+    error_key = rows(store).set_index("status").loc["error", "cell_key"]
+    assert counts[error_key] == 2 and sum(counts.values()) == 3, counts
+
+
 # -- 3. bad input: one line naming the bad value, no traceback -----------------------------------
 SDPA = ["--models", "transformer_sdpa"]
 TRAIN = ["train", "--model", "transformer_sdpa", "--task", "listops"]
@@ -152,6 +171,11 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     unknown_key.write_text('name = "x"\ngrdi = {seed = [0]}\n')
     folder = tmp_path / "folder"
     folder.mkdir()
+    listops = tmp_path / "listops"  # LRA TSVs, basic_val.tsv with a non-digit target on line 3
+    listops.mkdir()
+    for split in ("train", "val", "test"):
+        bad = "( [MIN 1 2 ] )\tx\n" if split == "val" else ""
+        (listops / f"basic_{split}.tsv").write_text(f"Source\tTarget\n( [MAX 1 2 ] )\t2\n{bad}")
     return [
         (["frobnicate"], "'frobnicate'"),
         (["efficiency", "--bogus-flag"], "--bogus-flag"),
@@ -182,7 +206,7 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([*SWEEP, "--grid", "seed"], "'seed'"),
         ([*SWEEP, "--grid", "seed=0,,1"], "'seed=0,,1'"),
         ([*SWEEP, "--grid", "codebok_size=1,2"], "'codebok_size'"),
-        ([*SWEEP, "--grid", "steps=abc"], "'abc'"),
+        ([*SWEEP, "--grid", "batch=abc"], "'abc'"),  # not steps: SWEEP --sets it
         ([*SWEEP, "--grid", "seed=0", "--workers", "0"], "--workers: 0"),
         (["sweep", "--model", "transformer_sdpa", *TINY_EFF, "--grid", "seq_len=0,16"],
          "seq_len=0"),
@@ -194,6 +218,17 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["tune", "--model", "longvq", *TINY, "--trials", "0"], "--trials: 0"),
         (["tune", "--model", "longvq", *TINY, "--space", "lr=log:1"], "'log:1'"),
         (["report", "--store", str(tmp_path / "missing.db")], "missing.db"),
+        (["tune", "--model", "longvq", *TINY, "--set", "fooo=3"], "'fooo'"),
+        (["tune", "--model", "longvq", *TINY, "--space", "foo=int:1:4"], "'foo'"),
+        (["tune", "--model", "longvq", *TINY, "--set", "attn_fn=foo"], "'foo'"),
+        (["tune", "--model", "longvq", *TINY, "--storage", "nosuch://x"], "nosuch://x"),
+        ([*SWEEP, "--grid", "codebook_size=16", "--set", "codebook_size=32"],
+         "given in both --set and --grid: codebook_size"),
+        ([*TRAIN, "--task-opt", f"data_dir={listops}"], "basic_val.tsv:3: expected"),
+        ([*SWEEP, "--grid", "seed=0,1", "--task", "listops", "--task-opt",
+          f"data_dir={listops}"], "basic_val.tsv:3: expected"),
+        (["train", "--model", "longvq", "--task", "mqar", "--task-opt", f"data_dir={folder}"],
+         "task 'mqar' reads no data_dir"),
     ]
 
 

@@ -261,3 +261,18 @@ def test_rows_of_one_model_with_other_configs_are_told_apart(tmp_path):
     assert rows["transformer_vanilla[dropout=0.1]"][8] == "0.50×"
     # one config of its label: no variant fields
     assert rows["longvq[key_grad=window]"][8] == "4.00×"
+
+
+def test_report_states_how_cpu_peak_memory_is_measured(report):
+    """harness/measure.py measures resident tensors + resident-set growth during one step (its
+    rows' peak_mem_method); the report must not claim a profiler allocation peak."""
+    _, markdown, _ = report
+    assert "CPU: resident tensors + resident-set growth during one step" in markdown
+    assert "profiler allocation" not in markdown
+
+
+def test_report_names_each_study_objective(report):
+    _, markdown, _ = report
+    assert "`tune` studies maximise validation accuracy" in markdown
+    # a tune study without an "objective" attribute predates that: it optimised test accuracy
+    assert table_row(markdown, "`tune-longvq-mqar-test`", "tune", "test_acc", "maximize")

@@ -188,3 +188,132 @@ def test_tune_completes_and_stores_best(tmp_path):
     study = optuna.load_study(study_name=summary.study_name, storage=Store(store_path).url)
     assert "best_params" in study.user_attrs
     assert len(Store(store_path).dataframe("train")) >= 1
+
+
+# -- tune: objective, storage, bad input -----------------------------------------------------------
+def test_tune_objective_is_validation_accuracy_not_test(tmp_path, monkeypatch):
+    """The study maximises the record's val_acc_best; test_acc is only a trial user attribute."""
+    import harness.sweep as sweep_module
+    from harness.store import CellRecord
+    from harness.sweep import Cell
+    from harness.tune import run_tune
+
+    def fake_cell(spec, params, device, dtype, quick, note):
+        lr = float(params["lr"])
+        result = {"val_acc_best": 0.5 + lr, "test_acc": 0.1 - lr}  # val and test disagree
+
+        def run(store, on_step=None):
+            return CellRecord(f"k{lr}", "train", "longvq", "ok", {}, result=result)
+
+        return Cell(params, f"k{lr}", "longvq", "train", {}, run)
+
+    monkeypatch.setattr(sweep_module, "make_cell", fake_cell)
+    spec = SweepSpec(name="obj", model="longvq", task="mqar", base={}, grid={"_": [0]})
+    store = Store(str(tmp_path / "bench.db"))
+    result = run_tune(spec, store, {"lr": ("float", 0.0, 0.1)}, 3, "cpu", "fp32", True, 0)
+    study = optuna.load_study(study_name=result.study_name, storage=store.url)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3
+    for trial in trials:
+        lr = trial.params["lr"]
+        assert trial.value == pytest.approx(0.5 + lr)
+        assert trial.user_attrs["test_acc"] == pytest.approx(0.1 - lr)
+    assert study.user_attrs["objective"] == "val_acc_best"
+    best = max(trials, key=lambda t: t.params["lr"])  # highest val accuracy, lowest test
+    assert result.best_value == pytest.approx(best.value)
+    assert result.best_test_acc == pytest.approx(best.user_attrs["test_acc"])
+
+
+def test_tune_trial_values_are_the_stored_validation_accuracies(tmp_path):
+    store_path = str(tmp_path / "bench.db")
+    assert main(["tune", "--model", "longvq", "--trials", "2", *TINY, "--store",
+                 store_path]) == 0
+    store = Store(store_path)
+    rows = {row["cell_key"]: row for _, row in store.dataframe("train").iterrows()}
+    (summary,) = optuna.get_all_study_summaries(store.url)
+    study = optuna.load_study(study_name=summary.study_name, storage=store.url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    for trial in complete:
+        row = rows[trial.user_attrs["cell_key"]]
+        assert trial.value == pytest.approx(row["val_acc_best"])
+        assert trial.user_attrs["test_acc"] == pytest.approx(row["test_acc"])
+
+
+def test_tune_help_names_the_objective_and_storage(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "objective is validation accuracy" in text and "--storage URL" in text
+
+
+def test_tune_storage_flag_puts_the_study_elsewhere(tmp_path):
+    store_path, study_db = str(tmp_path / "bench.db"), tmp_path / "studies.db"
+    assert main(["tune", "--model", "longvq", "--trials", "1", *TINY, "--store", store_path,
+                 "--storage", f"sqlite:///{study_db}"]) == 0
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{study_db}")
+    assert summary.study_name.startswith("tune-longvq-mqar") and summary.n_trials == 1
+    assert optuna.get_all_study_summaries(Store(store_path).url) == []  # not in the store's db
+    assert len(Store(store_path).dataframe("train")) == 1  # the trial's row is in the store
+
+
+@pytest.mark.parametrize(("storage", "needle"), [
+    ("notaurl", "expected an optuna storage URL"),
+    ("nosuchdialect://x", "cannot open the optuna storage"),
+    ("sqlite:////no/such/dir/x.db", "cannot open the optuna storage")])
+def test_tune_bad_storage_is_one_line_exit_2(tmp_path, capsys, storage, needle):
+    code = main(["tune", "--model", "longvq", "--trials", "1", *TINY, "--store",
+                 str(tmp_path / "bench.db"), "--storage", storage])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err and storage in err
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--set", "fooo=3"], "'fooo'"),
+    (["--space", "foo=int:1:4"], "'foo'"),
+    (["--set", "attn_fn=foo"], "attn_fn='foo'"),
+    (["--set", "window=abc"], "'abc'"),
+    (["--space", "window=cat:32,abc"], "window='abc'"),
+    (["--space", "attn_fn=cat:softmax,nope"], "'nope'"),
+    (["--set", "window=32", "--space", "window=cat:32,64"], "given in both --set and --space: "
+                                                            "window"),
+    (["--task-opt", "n_pairs=4", "--space", "task.n_pairs=cat:4,8"],
+     "given in both --task-opt and --space: task.n_pairs"),
+])
+def test_tune_bad_input_fails_before_any_study(tmp_path, capsys, extra, needle):
+    store_path = str(tmp_path / "bench.db")
+    code = main(["tune", "--model", "longvq", "--trials", "1", *TINY, *extra,
+                 "--store", store_path])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert "Traceback" not in captured.out + captured.err
+    if Path(store_path).exists():  # no study, no trial, no row
+        assert optuna.get_all_study_summaries(Store(store_path).url) == []
+        assert len(Store(store_path).dataframe()) == 0
+
+
+def test_tune_set_fixes_a_field_of_the_default_space(tmp_path):
+    from harness.tune import search_space
+
+    assert "window" not in search_space("longvq", {}, {"window": "32"})
+    store_path = str(tmp_path / "bench.db")
+    assert main(["tune", "--model", "longvq", "--trials", "2", *TINY, "--set", "window=16",
+                 "--store", store_path]) == 0
+    frame = Store(store_path).dataframe("train")
+    assert len(frame) >= 1 and set(frame["window"]) == {16}  # --set won, every trial
+
+
+def test_sweep_field_in_both_set_and_grid_is_refused(tmp_path, capsys):
+    store_path = str(tmp_path / "bench.db")
+    code = main(["sweep", "--grid", "codebook_size=16", *TINY, "--set", "codebook_size=32",
+                 "--store", store_path])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [
+        "run_bench.py sweep: error: given in both --set and --grid: codebook_size"]
+    code = main(["sweep", "--grid", "task.n_pairs=2,4", *TINY, "--task-opt", "n_pairs=4",
+                 "--store", store_path])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "given in both --task-opt and --grid: task.n_pairs" in err
+    if Path(store_path).exists():
+        assert len(Store(store_path).dataframe()) == 0

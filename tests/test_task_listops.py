@@ -198,6 +198,50 @@ def test_loader_errors_name_path_and_expectation(tmp_path):
             make_task(folder).examples("val", 0)
 
 
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"Source\n( [MAX 1 2 ] )\n", r"header 'Source\\tTarget' at .*basic_val.tsv; line 1 is "
+                                   r"'Source'"),  # no Target column
+    (b"src\ttgt\n( [MAX 1 2 ] )\t2\n", r"basic_val.tsv; line 1 is 'src\\ttgt'"),
+    (b"Source\tTarget\r\n( [MAX 1 2 ] )\t2\r\n( [MIN 1 2 ] )\tseven\r\n",
+     r"basic_val.tsv:3: expected '<Source>\\t<Target 0-9>', found"),
+    (b"Source\tTarget\n( [MAX 1 2 ] )\t2\n( [MIN 1 2 ] )\n", r"basic_val.tsv:3: expected"),
+    (b"Source\tTarget\n" + b"( [MAX 1 2 ] )\t2\n" * 99 + b"( [MAX 1 2 ] )\t\xff\n",
+     r"basic_val.tsv: line 101 is not UTF-8"),
+    (b"Source\tTarget\n", r"basic_val.tsv: the file has no rows"),
+    (b"", r"basic_val.tsv; the file is empty"),
+], ids=["no-target-column", "wrong-header", "non-digit-target", "no-tab", "not-utf8", "no-rows",
+        "empty"])
+def test_malformed_tsv_fails_when_the_task_is_built(tmp_path, content, needle):
+    """Not later, mid-training: the CLI then exits 2 with this one message (HARNESS.md)."""
+    folder = write_release_dir(tmp_path / "d", fixture_rows(), "\n")
+    (folder / "basic_val.tsv").write_bytes(content)
+    with pytest.raises(ValueError, match=needle):
+        make_task(folder)
+
+
+def test_tsv_check_reruns_when_the_file_changes(tmp_path):
+    folder = write_release_dir(tmp_path / "d", fixture_rows(), "\n")
+    make_task(folder)  # valid: checked once, remembered by (path, size, mtime)
+    (folder / "basic_train.tsv").write_text("Source\tTarget\n( [MAX 1 2 ] )\t22\n")
+    with pytest.raises(ValueError, match=r"basic_train.tsv:2: expected"):
+        make_task(folder)
+
+
+def test_malformed_tsv_train_exits_2_and_stores_nothing(tmp_path, capsys):
+    from harness.cli import main
+    from harness.store import Store
+
+    folder = write_release_dir(tmp_path / "d", fixture_rows(), "\n")
+    (folder / "basic_test.tsv").write_text("Source\tTarget\n( [MAX 1 2 ] )\tx\n")
+    store = str(tmp_path / "s.db")
+    for command in (["train"], ["sweep", "--grid", "seed=0,1"]):
+        code = main([*command, "--model", "transformer_sdpa", "--task", "listops", "--quick",
+                     "--device", "cpu", "--task-opt", f"data_dir={folder}", "--store", store])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "basic_test.tsv:2: expected" in err[0], err
+    assert len(Store(store).dataframe()) == 0
+
+
 def test_option_validation():
     with pytest.raises(ValueError, match="task 'listops': unknown config field 'max_lenght'"):
         make_task(max_lenght=50)

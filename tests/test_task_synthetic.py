@@ -123,3 +123,21 @@ def test_options_validation_and_describe():
         build("mqar", 64, n_pairs=8, vocab_size=16)
     with pytest.raises(ValueError, match="n_tokens"):
         build("selective_copy", 30, n_tokens=16)
+
+
+@pytest.mark.parametrize("name", ["mqar", "selective_copy", "pathfinder", "lm-bytes"])
+def test_tasks_without_a_file_loader_refuse_data_dir(tmp_path, name):
+    """data_dir is a TaskConfig field routed around each task's own option check: a task that
+    reads no files must refuse it rather than silently generate its data."""
+    with pytest.raises(ValueError, match=f"task '{name}' reads no data_dir.*data_dir="):
+        TASKS.build(name, TaskConfig(seq_len=1024, data_dir=str(tmp_path)))
+
+
+def test_data_dir_refusal_at_the_command_line(tmp_path, capsys):
+    from harness.cli import main
+
+    code = main(["train", "--model", "longvq", "--task", "pathfinder", "--quick", "--device",
+                 "cpu", "--task-opt", f"data_dir={tmp_path}", "--store", str(tmp_path / "s.db")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "task 'pathfinder' reads no data_dir" in err[0]
+    assert "listops" in err[0] and "text" in err[0]  # the tasks that do read one

@@ -157,3 +157,14 @@ def test_imdb_malformed(tmp_path):
         build(data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not both"):
         build(data_dir=str(tmp_path), corpus_dir=str(tmp_path))
+
+
+def test_imdb_ignores_folders_named_like_reviews(tmp_path):
+    """A folder (or dangling link) matching *.txt is no review: it is left out when the task is
+    built instead of failing when the split is first read."""
+    labels = make_imdb(tmp_path)
+    (tmp_path / "aclImdb" / "train" / "pos" / "9_10.txt").mkdir()
+    (tmp_path / "aclImdb" / "test" / "neg" / "8_1.txt").symlink_to(tmp_path / "missing")
+    task = build(seq_len=32, n=4, data_dir=str(tmp_path))
+    assert sorted(p for part in task.files.values() for p, _ in part) == sorted(labels)
+    next(task.batches("train", 6, 0))

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from harness.cli_args import (
     UsageError,
+    fixed_flag,
     fixed_values,
     progress_bar,
     resolve_device,
@@ -36,6 +37,11 @@ def build_specs(args: argparse.Namespace):
             specs.append(spec)
     if args.grid:
         grid = parse_grid(args.grid)
+        # the grid would silently win over a --set of the same field (the point is applied last)
+        both = [k for k in grid if k in base]
+        if both:
+            raise UsageError(f"given in both {fixed_flag(both[0])} and --grid: "
+                             f"{', '.join(both)}")
         name = args.name or "cli-" + "-".join(sorted(grid))
         specs.append(SweepSpec(name=name, kind=args.kind, model=args.model, task=args.task,
                                preset=args.preset, base=base, grid=grid))

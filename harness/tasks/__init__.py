@@ -2,6 +2,10 @@
 
 A task module in this package defines a :class:`Task` subclass and registers a factory with
 ``@register_task("name")``. The factory takes a :class:`TaskConfig` and returns the task.
+A task that reads data files from ``TaskConfig.data_dir`` says so
+(``@register_task("name", data_dir="what the folder holds")``); every other task is refused a
+``data_dir`` when it is built, so the option is never silently ignored. Task-specific
+``options`` are checked by each task (``_common.parse_options``: unknown keys are errors).
 
 Contract (what harness/train.py relies on):
 - ``task.head`` is ``"cls"`` (one label per sequence: targets (B,)) or ``"lm"`` (a target per
@@ -82,13 +86,22 @@ TaskFactory = Callable[[TaskConfig], Task]
 class TaskRegistry:
     def __init__(self) -> None:
         self._factories: dict[str, TaskFactory] = {}
+        self._data_dirs: dict[str, str] = {}  # task -> what its data_dir holds (readers only)
+        self._no_data_dir_hints: dict[str, str] = {}  # task -> where its files go instead
         self._discovered = False
 
-    def register(self, name: str) -> Callable[[TaskFactory], TaskFactory]:
+    def register(self, name: str, data_dir: str = "",
+                 no_data_dir_hint: str = "") -> Callable[[TaskFactory], TaskFactory]:
+        """``data_dir``: what the task reads from ``TaskConfig.data_dir`` ("" = it reads none);
+        ``no_data_dir_hint``: for a task that reads none, what to give instead."""
         def decorator(factory: TaskFactory) -> TaskFactory:
             if name in self._factories and self._factories[name] is not factory:
                 raise KeyError(f"task name {name!r} is registered twice")
             self._factories[name] = factory
+            if data_dir:
+                self._data_dirs[name] = data_dir
+            if no_data_dir_hint:
+                self._no_data_dir_hints[name] = no_data_dir_hint
             return factory
 
         return decorator
@@ -112,11 +125,18 @@ class TaskRegistry:
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown task {name!r}.{hint} Known: "
                              f"{', '.join(sorted(self._factories))}")
+        if config.data_dir and name not in self._data_dirs:
+            readers = ", ".join(f"{task} ({what})"
+                                for task, what in sorted(self._data_dirs.items()))
+            hint = self._no_data_dir_hints.get(name, f"tasks that read one: {readers}")
+            raise ValueError(f"task {name!r} reads no data_dir, got data_dir="
+                             f"{config.data_dir!r}; {hint}")
         return self._factories[name](config)
 
 
 TASKS = TaskRegistry()
 
 
-def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
-    return TASKS.register(name)
+def register_task(name: str, data_dir: str = "",
+                  no_data_dir_hint: str = "") -> Callable[[TaskFactory], TaskFactory]:
+    return TASKS.register(name, data_dir, no_data_dir_hint)

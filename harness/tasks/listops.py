@@ -198,26 +198,61 @@ def sample_examples(n: int, opts: ListOpsOptions, rng: random.Random,
     return out
 
 
-def read_tsv(path: Path) -> list[tuple[str, int]]:
-    """(Source, Target) rows of an LRA ListOps TSV; one clear error if it is not one."""
+def _tsv_rows(path: Path) -> Iterator[tuple[str, int]]:
+    """(Source, Target) rows of an LRA ListOps TSV, streamed; a ValueError naming the file, the
+    line and what was expected at the first thing that is not one."""
     expected = f"expected a TSV with header 'Source\\tTarget' at {path}"
     if not path.is_file():
         raise FileNotFoundError(f"{expected}: no such file")
-    lines = path.read_text(encoding="utf-8-sig").split("\n")  # universal newlines: CRLF -> LF
-    if lines[0] != "Source\tTarget":
-        raise ValueError(f"{expected}; the first line is {lines[0][:60]!r}")
-    rows: list[tuple[str, int]] = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        source, sep, target = line.rpartition("\t")
-        if not sep or "\t" in source or target.strip() not in DIGITS or not source.strip():
-            raise ValueError(f"{path}:{lineno}: expected '<Source>\\t<Target 0-9>', found "
-                             f"{line[:60]!r}")
-        rows.append((source, int(target)))
-    if not rows:
+    n_rows = 0
+    # bytes, decoded line by line: a text stream decodes ahead in chunks and would blame the
+    # wrong line for a bad byte. LF or CRLF endings; a UTF-8 byte-order mark is dropped.
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{expected}: line {lineno} is not UTF-8 text") from None
+            if lineno == 1:
+                if line.removeprefix("\ufeff") != "Source\tTarget":
+                    raise ValueError(f"{expected}; line 1 is {line[:60]!r}")
+                continue
+            if not line.strip():
+                continue
+            source, sep, target = line.rpartition("\t")
+            if not sep or "\t" in source or target.strip() not in DIGITS or not source.strip():
+                raise ValueError(f"{path}:{lineno}: expected '<Source>\\t<Target 0-9>', "
+                                 f"found {line[:60]!r}")
+            n_rows += 1
+            yield source, int(target)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{expected}; the file is empty")
+    if not n_rows:
         raise ValueError(f"{expected}: the file has no rows")
-    return rows
+
+
+def read_tsv(path: Path) -> list[tuple[str, int]]:
+    """(Source, Target) rows of an LRA ListOps TSV; one clear error if it is not one."""
+    return list(_tsv_rows(path))
+
+
+# files already checked by this process, by (path, size, mtime): a sweep or a tune builds the
+# task once per planned cell, and a release split is ~100 MB
+_CHECKED_TSVS: set[tuple[str, int, int]] = set()
+
+
+def check_tsv(path: Path) -> None:
+    """Parse the whole file once (keeping nothing), so a malformed file fails when the task is
+    built (exit 2 at the command line) rather than as an ``error`` cell mid-run."""
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a TSV with header 'Source\\tTarget' at {path}: "
+                                "no such file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED_TSVS:
+        for _ in _tsv_rows(path):
+            pass
+        _CHECKED_TSVS.add(key)
 
 
 def write_tsv(path: Path, rows: Sequence[tuple[str, int]], line_end: str = "\r\n") -> None:
@@ -245,11 +280,13 @@ class ListOpsTask(Task):
             if not self.data_dir.is_dir():
                 raise FileNotFoundError(f"ListOps data_dir {self.data_dir} is not a folder: "
                                         f"expected one holding {names} (LRA listops-1000)")
-            for split in SPLITS:  # fail at construction, not mid-training
+            for split in SPLITS:  # a missing file first: it says more than a bad row
                 path = self._tsv_path(split)
                 if not path.is_file():
                     raise FileNotFoundError(f"expected a TSV with header 'Source\\tTarget' at "
                                             f"{path}: no such file")
+            for split in SPLITS:  # fail at construction, not mid-training
+                check_tsv(self._tsv_path(split))
 
     def _tsv_path(self, split: str) -> Path:
         assert self.data_dir is not None
@@ -315,6 +352,6 @@ class ListOpsTask(Task):
                 "task_max_depth": self.opts.max_depth, "task_max_args": self.opts.max_args}
 
 
-@register_task("listops")
+@register_task("listops", data_dir="the LRA TSVs basic_{train,val,test}.tsv")
 def build_listops(config: TaskConfig) -> Task:
     return ListOpsTask(config)

@@ -153,9 +153,6 @@ class LMBytesTask(Task):
         self.options = parse_options(LMBytesOptions(), config.options, NAME)
         custom = bool(self.options.corpus)
         self.root = Path(self.options.corpus).expanduser() if custom else stdlib_dir()
-        if config.data_dir:
-            raise ValueError(f"task {NAME!r}: give the corpus folder as the task option "
-                             f"corpus=DIR, not data_dir={config.data_dir!r}")
         extensions = suffixes(self.options.extensions or ("" if custom else STDLIB_EXTENSIONS))
         what = f"a folder of text files{' (' + '/'.join(extensions) + ')' if extensions else ''}"
         if not self.root.is_dir():
@@ -228,6 +225,7 @@ class LMBytesTask(Task):
                 **{f"task_{s}_files": len(f) for s, f in self.split_files.items()}}
 
 
-@register_task(NAME)
+@register_task(NAME, no_data_dir_hint="give the corpus folder as the task option "
+                                         "corpus=DIR, not data_dir")
 def build_lm_bytes(config: TaskConfig) -> Task:
     return LMBytesTask(config)

@@ -217,7 +217,9 @@ class ImdbTextTask(Task):
             self.files[part] = []
             for label, sub in enumerate(IMDB_LABELS):
                 folder = root / part / sub
-                found = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+                # files only: a folder or dangling link named *.txt would fail mid-run
+                found = (sorted(p for p in folder.glob("*.txt") if p.is_file())
+                         if folder.is_dir() else [])
                 if not found:
                     raise ValueError(f"task 'text': IMDB data_dir {config.data_dir}: no "
                                      f"{part}/{sub}/*.txt files; expected the aclImdb layout "
@@ -249,7 +251,7 @@ class ImdbTextTask(Task):
         return {**super().describe(), "task_corpus": "aclImdb"}
 
 
-@register_task("text")
+@register_task("text", data_dir="the aclImdb release of IMDB reviews")
 def build_text(config: TaskConfig) -> Task:
     if config.data_dir:
         if config.options.get("corpus_dir"):
