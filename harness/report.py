@@ -32,6 +32,7 @@ from harness.report_doc import (
     table_markdown,
 )
 from harness.report_efficiency import (
+    check_text,
     efficiency_report,
     label_config_variants,
     normalised,
@@ -135,7 +136,7 @@ def efficiency_sections(frame: pd.DataFrame, out_dir: Path) -> list[Block]:
     for group, rows in frame.groupby(keys, dropna=False, sort=True):
         desc = ", ".join(f"{k}={v}" for k, v in zip(keys, group, strict=True))
         rows = add_ratios(label_config_variants(rows, shared=keys))
-        blocks += [Heading(3, desc), efficiency_rows(rows)]
+        blocks += [Heading(3, desc), efficiency_rows(rows), Text(check_text(rows))]
         paths = plot_vs_length(rows, out_dir / "plots", desc, stem=slug(desc) + "_")
         if paths:
             blocks.append(Images([Image(p, f"plots/{p.name}", p.stem) for p in paths]))

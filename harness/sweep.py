@@ -44,6 +44,7 @@ import optuna
 import torch
 
 from harness.config import config_hash
+from harness.fast_path_check import FastPathChecks
 from harness.interrupts import DeferredInterrupts
 from harness.measure import EfficiencyCell
 from harness.registry import REGISTRY, Entry
@@ -186,12 +187,14 @@ def _coerce_run(name: str, value: Any, default: Any) -> Any:
 
 
 def make_cell(spec: SweepSpec, params: dict[str, Any], device: str, dtype: str, quick: bool,
-              sweep_note: dict[str, Any]) -> Cell:
+              sweep_note: dict[str, Any], checks: FastPathChecks | None = None) -> Cell:
+    """The cell of one grid point; ``checks``: the sweep's fast-path checks (efficiency cells
+    of one model config share one), default a new one per cell."""
     values = {**spec.base, **params}
     entry = REGISTRY.get(str(values.get("model", spec.model)))
     if spec.kind == "train":
         return _train_cell(spec, entry, values, params, device, dtype, quick, sweep_note)
-    return _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note)
+    return _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note, checks)
 
 
 def _train_cell(spec, entry, values, params, device, dtype, quick, sweep_note) -> Cell:
@@ -230,7 +233,8 @@ def _train_cell(spec, entry, values, params, device, dtype, quick, sweep_note) -
     return Cell(params, key, entry.name, "train", cfg.to_dict(), run_it)
 
 
-def _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note) -> Cell:
+def _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note,
+                     checks: FastPathChecks | None) -> Cell:
     from harness.provenance import provenance
     from harness.runner import QUICK_BACKBONE, PlannedCell, cell_key, run_cell
 
@@ -251,7 +255,7 @@ def _efficiency_cell(entry, values, params, device, dtype, quick, sweep_note) ->
     planned = PlannedCell(entry, model_config, cell, cell_key(cell, model_config, prov["device"]))
 
     def run_it(store: Store, on_step=None) -> CellRecord:  # no steps to report: not a train
-        return run_cell(planned, store, prov, extra_cell=sweep_note)
+        return run_cell(planned, store, prov, extra_cell=sweep_note, checks=checks)
 
     return Cell(params, planned.key, entry.name, "efficiency", cell.to_dict(), run_it)
 
@@ -317,8 +321,9 @@ def plan_sweep(spec: SweepSpec, device: str, dtype: str, quick: bool) -> dict[st
             # workers of this sweep on this worker's device (CPU or one GPU): > 1 means its
             # cells may have run side by side, so their tokens/s are not clean speed numbers
             "device_shared_by": int(os.environ.get(SHARED_DEVICE_ENV, "1"))}
+    checks = FastPathChecks()
     return {json.dumps(p, sort_keys=True, default=str): make_cell(spec, p, device, dtype, quick,
-                                                                  note)
+                                                                  note, checks)
             for p in spec.points()}
 
 

@@ -178,3 +178,13 @@ def test_every_entry_passes_its_check_on_cuda():
     names = [n for n in REGISTRY.names() if n != "mamba2"]
     statuses = _check_every_entry("cuda", "bf16", names)
     assert statuses["longvq"] == statuses["transformer_sdpa"] == "passed"
+
+
+def test_an_efficiency_sweep_checks_each_config_once(tmp_path, path_model):
+    store = str(tmp_path / "b.db")
+    assert main(["sweep", "--model", ENTRY, "--grid", "steps=1,2", "--kind", "efficiency",
+                 "--device", "cpu", "--set", "seq_len=16", "batch=2", "warmup=1", "d_model=16",
+                 "n_layers=1", "n_heads=2", "d_ffn=32", "--store", store]) == 0
+    frame = Store(store).dataframe("efficiency")
+    assert len(frame) == 2 and set(frame["check"]) == {"passed"}
+    assert path_model.count("reference") == 1  # the two cells share the sweep's check

@@ -67,6 +67,11 @@ def efficiency_record(model: str, seq_len: int, ms: float, status: str = "ok") -
     result = {} if status != "ok" else {
         "backend": "sdpa-math" if model.endswith("sdpa") else "torch", "ms_median": ms,
         "tokens_per_s": 2 * seq_len / ms * 1000, "peak_mem_mib": ms * 2, "params": 5000}
+    if model == "transformer_vanilla":
+        result["check"] = "none"
+    else:  # the fast-path check made before timing (harness/fast_path_check.py)
+        result.update(check="passed", check_rel_err=3e-7 if model == "longvq" else 2e-7,
+                      check_reference=f"{model} reference (naive)")
     return CellRecord(f"eff-{model}-{seq_len}", "efficiency", model, status, cell, result, PROV,
                       "" if status == "ok" else "OutOfMemoryError: fake")
 
@@ -157,6 +162,13 @@ def test_report_has_every_section(report):
                  "## Committed reference runs", "[h100-reference](h100-reference/REPORT.md)"):
         assert text in markdown, text
     assert "| parameter | importance |" in markdown
+
+
+def test_report_states_the_fast_path_checks(report):
+    _, markdown, _ = report
+    line = next(line for line in markdown.splitlines() if line.startswith("Fast-path check"))
+    assert "`longvq` passed vs longvq reference (naive), max rel err 3.0e-07" in line
+    assert "`transformer_vanilla` no reference (the model is its own)" in line
 
 
 def test_report_numbers(report):
