@@ -28,6 +28,8 @@ p = sigmoid(alpha), q = 1 - p sigmoid(delta), k_l = sum_n gamma_n sqrt(1/ndim) p
 output silu(EMA(x) + omega x) (the silu is applied inside the module, as in the original).
 Bidirectional (``shift=True``, Mega's default): lag 0 from the causal kernel only and
 y_t += sum_{j>=1} k2_j x_{t+j}; ``shift=False`` gives k2_{j-1} at lag -j, like S4.
+(MODELS.md's faithfulness note swaps alpha and delta in p and q and has both bidirectional
+kernels include lag 0; the official file, followed here, is as written above.)
 """
 
 from __future__ import annotations
