@@ -135,3 +135,13 @@ def test_list_shows_the_longest_length_each_model_ran(tmp_path):
     tested = max_tested_lengths(str(store))
     assert set(tested) == {"transformer_vanilla", "longvq"}  # a variant counts for its entry
     assert tested["longvq"].startswith("32 on cpu")
+
+
+def test_efficiency_notes_a_warmup_below_the_method(tmp_path, capsys):
+    base = ["efficiency", "--models", "transformer_sdpa", "--lengths", "16", "--batch", "2",
+            "--device", "cpu", "--steps", "1", "--set", "d_model=16", "n_layers=1",
+            "n_heads=2", "d_ffn=32", "--store", str(tmp_path / "b.db")]
+    assert main([*base, "--warmup", "1"]) == 0
+    assert "below the method's 3 warm-up steps" in capsys.readouterr().out
+    assert main([*base, "--warmup", "3", "--force"]) == 0
+    assert "below the method" not in capsys.readouterr().out

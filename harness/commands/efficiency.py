@@ -98,6 +98,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     settings = resolve_settings(args)
     preset = settings.preset
+    if settings.warmup < 3 and not args.quick:  # --quick trades it for time, knowingly
+        console.print(f"note: --warmup {settings.warmup} is below the method's 3 warm-up steps "
+                      "(HARNESS.md): autotuning or compilation may fall into the timed steps; "
+                      "rows record the warm-up", markup=False)
     try:
         entries = resolve_model_specs(args.models)
         if preset is not None and args.models == "all":
