@@ -141,21 +141,33 @@ def cell_key(cell: EfficiencyCell, model_config: Any, device_label: str, preset:
     return config_hash(payload)
 
 
-def checked_measure(planned: PlannedCell, checks: FastPathChecks) -> CellOutcome:
-    """The fast-path check, then (unless it failed) the measurement; the row gets both."""
+def fast_path_verdict(planned: PlannedCell, checks: FastPathChecks
+                      ) -> tuple[CheckResult, CellOutcome | None]:
+    """The cell's fast-path check and, when the cell must not be timed (the check failed or
+    could not run), the cell's outcome."""
     c = planned.cell
     try:
         check = checks.check(planned.entry, planned.model_config, c.seq_len, c.device, c.dtype,
                              c.compile, label=c.model)
     except Exception as exc:  # noqa: BLE001 - a check that cannot run says why, untimed
-        return CellOutcome("error", f"fast-path check: {type(exc).__name__}: {exc}",
-                           CheckResult("error").row_fields())
+        check = CheckResult("error")
+        return check, CellOutcome("error", f"fast-path check: {type(exc).__name__}: {exc}",
+                                  check.row_fields())
     finally:
         free_memory(torch.device(c.device))
     if check.status == "failed":
-        return CellOutcome("wrong", check.message, {"backend": check.backend,
-                                                    **check.row_fields()})
-    outcome = measure(planned.entry, planned.model_config, c, max_step_s=planned.max_step_s)
+        return check, CellOutcome("wrong", check.message, {"backend": check.backend,
+                                                           **check.row_fields()})
+    return check, None
+
+
+def checked_measure(planned: PlannedCell, checks: FastPathChecks) -> CellOutcome:
+    """The fast-path check, then (unless it failed) the measurement; the row gets both."""
+    check, failure = fast_path_verdict(planned, checks)
+    if failure is not None:
+        return failure
+    outcome = measure(planned.entry, planned.model_config, planned.cell,
+                      max_step_s=planned.max_step_s)
     outcome.metrics.update(check.row_fields())
     return outcome
 

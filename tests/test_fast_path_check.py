@@ -188,3 +188,14 @@ def test_an_efficiency_sweep_checks_each_config_once(tmp_path, path_model):
     frame = Store(store).dataframe("efficiency")
     assert len(frame) == 2 and set(frame["check"]) == {"passed"}
     assert path_model.count("reference") == 1  # the two cells share the sweep's check
+
+
+def test_profile_reports_no_kernel_times_of_a_wrong_fast_path(tmp_path, path_model, capsys):
+    base = ["efficiency", "--lengths", "16", "--batch", "2", "--device", "cpu", "--warmup", "1",
+            "--steps", "1", "--set", *[f"{k}={v}" for k, v in TINY_BACKBONE.items()],
+            "--profile-top", "3"]
+    assert main([*base, "--profile", f"{ENTRY}[impl=wrong]"]) == 1
+    out = capsys.readouterr().out
+    assert "fast path failed its check, not timed" in out and "self ms" not in out
+    assert main([*base, "--profile", f"{ENTRY}[impl=fast]"]) == 0
+    assert "passed, max rel err" in capsys.readouterr().out

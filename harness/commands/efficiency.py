@@ -24,6 +24,7 @@ from harness.registry import parse_model_spec, resolve_model_specs
 
 if TYPE_CHECKING:
     from harness.efficiency_presets import EfficiencyPreset
+    from harness.fast_path_check import FastPathChecks
 
 
 class FailFast(Exception):
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(str(exc)) from None
     if args.profile:
         return run_profile(planned[0], Path(args.out) if args.out else None, console,
-                           args.profile_top)
+                           args.profile_top, FastPathChecks(skip=args.skip_check))
     if args.memory:
         return run_memory(planned[0], Path(args.out) if args.out else None, console,
                           args.profile_top)
@@ -295,14 +296,23 @@ def _show_tables(tables, rows, out_dir: Path | None, stem: str, console: Console
     return 0
 
 
-def run_profile(planned, out_dir: Path | None, console: Console, top: int = 20) -> int:
+def run_profile(planned, out_dir: Path | None, console: Console, top: int,
+                checks: FastPathChecks) -> int:
     """--profile MODEL: torch.profiler over the cell's timed steps; the top-``top`` table and
-    every kernel summed by category (no store row)."""
+    every kernel summed by category (no store row). Kernel times are speeds too: the model's
+    fast path is checked first, as before a timed cell."""
     from harness.measure import profile_cell
     from harness.report_efficiency import profile_category_table, profile_table
+    from harness.runner import fast_path_verdict
 
     cell = planned.cell
     label = _cell_label(cell, cell.cuda_graph)
+    _check, failed = fast_path_verdict(planned, checks)
+    for line in checks.summary():
+        console.print(line, markup=False)
+    if failed is not None:  # kernel times of a wrong kernel are not reported either
+        console.print(f"[red]profile[/red] {label}: {escape(failed.message)}")
+        return 1
     console.print(f"[bold]profile[/bold] {label} on {cell.device}: {cell.warmup} warm-up, "
                   f"{cell.steps} profiled training steps")
     try:
