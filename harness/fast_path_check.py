@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from harness.config import ModelConfig, config_hash
+from harness.measure import DTYPES, free_memory
 from harness.registry import REGISTRY, Entry, Registry
 
 CHECK_LENGTH = 384  # positions: several Triton chunks (128) and windows (64) at the default sizes
@@ -49,7 +50,6 @@ TOLERANCE = {"fp32": 1e-2, "bf16": 0.1, "fp16": 0.1}
 # Gradients that vanish in theory (a softmax's key offset) come out as rounding noise: each
 # tensor's error is taken against at least this share of the largest gradient norm.
 FLOOR = 1e-3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,11 @@ class FastPathChecks:
         key = (entry.name, config_hash(pinned.to_dict()), device, dtype, length)
         if key not in self.results:
             self.labels[key] = label or entry.name
-            self.results[key] = compare(entry, pinned, *pair, torch.device(device), dtype,
-                                        length)
+            try:
+                self.results[key] = compare(entry, pinned, *pair, torch.device(device), dtype,
+                                            length)
+            finally:  # the two models' memory, before the timed cell builds its own
+                free_memory(torch.device(device))
         return self.results[key]
 
     def summary(self) -> list[str]:

@@ -31,7 +31,7 @@ import torch
 
 from harness.config import config_hash
 from harness.fast_path_check import CheckResult, FastPathChecks
-from harness.measure import TOO_SLOW, CellOutcome, EfficiencyCell, free_memory, measure
+from harness.measure import TOO_SLOW, CellOutcome, EfficiencyCell, measure
 from harness.provenance import provenance
 from harness.registry import Entry, ModelSpec
 from harness.store import CellRecord, Store
@@ -153,8 +153,6 @@ def fast_path_verdict(planned: PlannedCell, checks: FastPathChecks
         check = CheckResult("error")
         return check, CellOutcome("error", f"fast-path check: {type(exc).__name__}: {exc}",
                                   check.row_fields())
-    finally:
-        free_memory(torch.device(c.device))
     if check.status == "failed":
         return check, CellOutcome("wrong", check.message, {"backend": check.backend,
                                                            **check.row_fields()})
