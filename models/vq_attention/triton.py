@@ -665,27 +665,18 @@ def _bwd_dkdv_kernel(
     L, S, W, CH, n_chunks, g_entries, sm_scale, inv_len, L_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DK_PAIRS: tl.constexpr, SPLIT_DK: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DK_PAIRS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dv (one value tile) and dk_hat of one key tile: loop over the query tiles whose band
-    holds it, then dv += G[s_j] (the code part). With one value tile (SPLIT_DK 0) one program
-    does both. With several (SPLIT_DK 1) each value tile's program does dv only and one more
-    program per key tile (et = n_e) does dk_hat only: dk needs dp = dO . v over every value
-    tile, so when value tile 0 also did it, its programs did ~2.5x the work of the others
-    (LongVQ, Dv = 256) and set the kernel's time. DK_PAIRS: the (query, key) pairs dk_hat sums
-    over: 0 the exact local blocks (key_grad="window"; the dk program loops over those rows
-    only); 1 every pair (key_grad="ste", "dense": the dk program loops over every query that
-    sees the key); 2 every pair of the band rows (ste, "split": ``_bwd_dk_far_kernel`` adds the
-    other rows)."""
+    """dv (one value tile) and, in the programs of value tile 0, dk_hat of one key tile: loop
+    over the query tiles whose band holds it, then dv += G[s_j] (the code part). DK_PAIRS: the
+    (query, key) pairs dk_hat sums over: 0 the exact local blocks (key_grad="window"); 1 every
+    pair (key_grad="ste", "dense": tile 0 loops over every query that sees the key); 2 every
+    pair of the band rows (ste, "split": ``_bwd_dk_far_kernel`` adds the other rows)."""
     pid = tl.program_id(0)
     n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
-    n_p: tl.constexpr = n_e + SPLIT_DK  # programs per (key tile, batch-head)
-    dk_tile: tl.constexpr = n_e * SPLIT_DK  # the one that does dk_hat
-    bh = (tl.program_id(1) // n_p).to(tl.int64)
-    et = tl.program_id(1) % n_p
-    is_dk = et == dk_tile
-    has_dv = et < n_e
+    bh = (tl.program_id(1) // n_e).to(tl.int64)
+    et = tl.program_id(1) % n_e
     j0 = pid * BLOCK_N
     cols = j0 + tl.arange(0, BLOCK_N)
     col_ok = cols < L
@@ -701,20 +692,14 @@ def _bwd_dkdv_kernel(
     band_lo, band_hi = _key_band_rows(j0, j_last, L, W, CH, CAUSAL, MODE)
     q_lo = band_lo
     q_hi = band_hi
-    # DK_PAIRS 0: the rows of the key tile's exact local blocks (the others skip dp and ds;
-    # they lie inside the band rows)
-    local_lo = (j0 // W - (0 if CAUSAL else 1)) * W
-    local_hi = (j_last // W + 2) * W
     if DK_PAIRS == 1:
-        if is_dk:  # dk from every query that sees the key
+        if et == 0:  # dk from every query that sees the key
             q_hi = q_hi * 0 + L
             if not CAUSAL:
                 q_lo = q_lo * 0
-    if DK_PAIRS == 0:
-        if SPLIT_DK:
-            if is_dk:  # no dv here: only the local blocks' rows
-                q_lo = tl.maximum(q_lo, local_lo)
-                q_hi = tl.minimum(q_hi, local_hi)
+    # DK_PAIRS 0: the rows of the key tile's exact local blocks (the others skip dp and ds)
+    local_lo = (j0 // W - (0 if CAUSAL else 1)) * W
+    local_hi = (j_last // W + 2) * W
     if n_e == 1:  # one value tile: the key tile's v is read once (dp = v . dO)
         v_keys = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                          mask=col_ok[:, None] & e_ok[None, :], other=0.0)
@@ -746,9 +731,9 @@ def _bwd_dkdv_kernel(
             in_band = in_band & (cols[:, None] < (chunk[None, :] + 1) * CH + W)
         # "all": no band, every key's dv comes from its code; DK_PAIRS 1: skip the far tiles
         if MODE != 2:
-            if has_dv & (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
+            if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
                 dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do, input_precision=PREC)
-        need_dk = is_dk
+        need_dk = et == 0
         if DK_PAIRS == 0:
             need_dk = need_dk & (i0 < local_hi) & (i0 + BLOCK_M > local_lo)
         if need_dk:
@@ -775,8 +760,8 @@ def _bwd_dkdv_kernel(
     # code part of dv: the sum of G_c[s_j] over the query chunks c that read key j through
     # its code. "past": entry (j + W) // CH of the suffix scan; "all": the one entry; "far":
     # the total GTOT less the (at most 3, as W <= CH) chunks whose band holds j
-    code = tl.load(CODES + bh * L + cols, mask=col_ok & has_dv, other=0)
-    g_mask = col_ok[:, None] & e_ok[None, :]  # none in the dk program (et = n_e: no values)
+    code = tl.load(CODES + bh * L + cols, mask=col_ok, other=0)
+    g_mask = col_ok[:, None] & e_ok[None, :]
     g_cols = code[:, None] * DV + offs_e[None, :]
     if MODE == 0:
         index = tl.minimum((cols + W) // CH, n_chunks)
@@ -793,7 +778,7 @@ def _bwd_dkdv_kernel(
             dv -= tl.load(GCAT + (bh * g_entries + index[:, None]) * S * DV + g_cols,
                           mask=g_mask & (index <= c_hi)[:, None], other=0.0)
     tl.store(DK + (bh * L + cols[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & d_ok[None, :] & is_dk)
+             mask=col_ok[:, None] & d_ok[None, :] & (et == 0))
     tl.store(DV_OUT + (bh * L + cols[:, None]) * DV + offs_e[None, :],
              dv.to(DV_OUT.dtype.element_ty), mask=g_mask)
 
@@ -1303,17 +1288,15 @@ def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out, u, cnt)
     dv = torch.empty_like(v)
     dk_pairs = 0 if spec.key_grad == "window" else {"dense": 1, "codes": 0, "split": 2}[
         spec.strategy]
-    split_dk = int(spec.value_tiles > 1)  # dk_hat in a program of its own
     _launch(
         "dkdv", lambda meta: (triton.cdiv(spec.length, meta["BLOCK_N"]),
-                              spec.batch_heads * (spec.value_tiles + split_dk)),
+                              spec.batch_heads * spec.value_tiles),
         q, k, v, grad_out, lse if softmax else dummy, delta if softmax else dummy,
         bias if bias is not None else dummy, gcat, gtot if gtot is not None else gcat, codes,
         dk, dv,
         spec.length, spec.size, spec.window, spec.chunk, spec.n_chunks, gcat.shape[1],
         sm_scale, inv_len, spec.length_bucket,
-        HAS_BIAS=spec.has_bias, DK_PAIRS=dk_pairs, SPLIT_DK=split_dk,
-        **spec.constants(q.dtype),
+        HAS_BIAS=spec.has_bias, DK_PAIRS=dk_pairs, **spec.constants(q.dtype),
     )
     if split:
         chunks_per_split = -(-spec.n_chunks // _far_splits(spec))
