@@ -110,7 +110,7 @@ INTERPRETER_CASES = [
     ("softmax", False, True, "window", "auto", 5, 37, 10, 40),
     ("laplace", False, True, "ste", "dense", 8, 45, 16, 16),
     ("softmax", False, False, "ste", "dense", 8, 45, 8, 16),
-    # "all" with three value tiles: the dk/dv kernel's dk program loops over every query
+    # "all" with three value tiles: value tile 0's programs loop over every query for dk
     ("softmax", False, False, "ste", "dense", 8, 45, 16, 40),
     ("laplace", False, False, "ste", "codes", 8, 45, 16, 40),
     ("softmax", False, False, "window", "auto", 8, 45, 16, 16),
