@@ -2,10 +2,8 @@
 # session 14: every GPU test (call31 lost them: node ids with spaces were split by the shell).
 # Node ids are read from files by pytest.main; mamba2's tests (~110 s of first-call Triton
 # compile) share one shard, the rest round-robin over 9 more
-export LONGVQ_GIT_COMMIT=$(cat .gpu-runs/commit)
-export PYTHONPATH=$PWD
+source .gpu-runs/common.sh
 export LONGVQ_TRITON_AUTOTUNE=0
-W=$OUT/w; mkdir -p $W
 nvidia-smi > $W/nvidia-smi.txt
 python -m pytest --collect-only -q -m gpu tests 2>/dev/null | grep '::' > $W/gpu_tests.txt
 grep 'mamba2' $W/gpu_tests.txt > $W/shard9.txt
