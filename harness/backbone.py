@@ -77,20 +77,42 @@ class SequenceModel(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         out_dim = cfg.vocab_size if cfg.head == "lm" else cfg.n_classes
         self.head = nn.Linear(cfg.d_model, out_dim)
+        # Submodules with state updated outside the autograd graph (the VQ codebooks' EMA) run
+        # that update once, after the whole forward, instead of inside their own forward: under
+        # torch.compile the blocks then trace as one graph (models/vq.py, "deferred updates").
+        self._deferred: list[nn.Module] = [m for m in self.modules()
+                                           if hasattr(m, "apply_pending_update")]
+        for module in self._deferred:
+            module.defer_update = True
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}")
+        self._before_forward()
         x = self.embed_tokens(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.readout(x)
+        logits = self.readout(x)
+        self._after_forward()
+        return logits
+
+    # Eager (graph breaks at the very start and end of the forward, so the rest is one graph).
+    @torch.compiler.disable
+    def _before_forward(self) -> None:
+        for module in self._deferred:
+            module.take_snapshot()
+
+    @torch.compiler.disable
+    def _after_forward(self) -> None:
+        for module in self._deferred:
+            module.apply_pending_update()
 
     # The embedding and the readout are methods of their own, so frames of their own for
-    # torch.compile: a graph break inside a block (an eager region such as the VQ codebook
-    # update) lands in the loop above, and dynamo then runs ``forward`` eagerly, compiling only
-    # the frames it calls. Inline, the embedding, final norm, pooling and head (and their
-    # backward) ran as eager kernels in every compiled step of such a model.
+    # torch.compile: a graph break inside a block (an eager region such as the torch VQ
+    # attention path or Mamba's stream switches) lands in the loop above, and dynamo then runs
+    # ``forward`` eagerly, compiling only the frames it calls. Inline, the embedding, final
+    # norm, pooling and head (and their backward) ran as eager kernels in every compiled step
+    # of such a model.
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)
 

@@ -3,24 +3,26 @@ whether Triton runs as its CPU interpreter."""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
 import torch
 
+_IMPORTABLE: dict[str, bool] = {}  # module -> whether it imported (asked once per process)
+
 
 # A constant to dynamo: a compiled model evaluates it once while tracing, and the answer cannot
-# change within a process.
-@functools.cache
+# change within a process. (Cached in a dict: dynamo warns when it meets a functools cache.)
 @torch.compiler.assume_constant_result
 def importable(module: str) -> bool:
     """Whether ``module`` imports: the package it needs is installed and its build works."""
-    try:
-        importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - missing package or broken install alike
-        return False
-    return True
+    if module not in _IMPORTABLE:
+        try:
+            importlib.import_module(module)
+            _IMPORTABLE[module] = True
+        except Exception:  # noqa: BLE001 - missing package or broken install alike
+            _IMPORTABLE[module] = False
+    return _IMPORTABLE[module]
 
 
 def interpreting() -> bool:

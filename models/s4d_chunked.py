@@ -80,36 +80,68 @@ def _scan_launch(s: Tensor, a_re: Tensor, a_im: Tensor, group: int, reverse: boo
     return decayed_scan_triton(s, a_re, a_im, group, reverse, states)
 
 
-class _DecayedScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:  # type: ignore[override]
-        out, _ = _scan_launch(s, a_re, a_im, group, reverse=False)
-        ctx.save_for_backward(out, a_re, a_im)
-        ctx.group = group
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out: Tensor):  # type: ignore[override]
-        out, a_re, a_im = ctx.saved_tensors
-        # S_{m+1} = a S_m + s_m: ds_m = sum_{m' > m} conj(a)^(m'-m-1) dS_m' (the reverse
-        # scan), and dL/da = sum_m ds_m (x) S_m: (Re, Im) = (g.S_re + g'.S_im, g'.S_re - g.S_im)
-        ds, da = _scan_launch(d_out, a_re, -a_im, ctx.group, reverse=True, states=out)
-        nh = a_re.size(-1)
-        da = da.view(a_re.size(0), ctx.group, 2 * nh).sum(1)
-        return ds, da[:, :nh], da[:, nh:], None
+# Custom ops with a registered autograd formula: under torch.compile the kernel and its
+# backward are opaque nodes of the model's graph, so the products around them compile with the
+# rest of the layer (an autograd.Function behind torch.compiler.disable split the graph there).
+@torch.library.custom_op("longvq::decayed_scan", mutates_args=())
+def _scan_op(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:
+    return _scan_launch(s, a_re, a_im, group, reverse=False)[0]
 
 
-# A graph break under torch.compile: the kernel and its backward are opaque; the products
-# around it compile.
-@torch.compiler.disable
+@_scan_op.register_fake
+def _(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:
+    return torch.empty(s.shape, device=s.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("longvq::decayed_scan_backward", mutates_args=())
+def _scan_backward_op(d_out: Tensor, out: Tensor, a_re: Tensor, a_im: Tensor,
+                      group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ds, da_re, da_im) of ``_scan_op`` given its output ``out``."""
+    # S_{m+1} = a S_m + s_m: ds_m = sum_{m' > m} conj(a)^(m'-m-1) dS_m' (the reverse
+    # scan), and dL/da = sum_m ds_m (x) S_m: (Re, Im) = (g.S_re + g'.S_im, g'.S_re - g.S_im)
+    ds, da = _scan_launch(d_out, a_re, -a_im, group, reverse=True, states=out)
+    nh = a_re.size(-1)
+    da = da.view(a_re.size(0), group, 2 * nh).sum(1)
+    return ds, da[:, :nh].clone(), da[:, nh:].clone()  # not views: outputs may not alias
+
+
+@_scan_backward_op.register_fake
+def _(d_out: Tensor, out: Tensor, a_re: Tensor, a_im: Tensor,
+      group: int) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.empty(d_out.shape, device=d_out.device, dtype=torch.float32),
+            torch.empty(a_re.shape, device=a_re.device, dtype=torch.float32),
+            torch.empty(a_im.shape, device=a_im.device, dtype=torch.float32))
+
+
+def _scan_setup_context(ctx, inputs, output) -> None:
+    _s, a_re, a_im, group = inputs
+    ctx.save_for_backward(output, a_re, a_im)
+    ctx.group = group
+
+
+def _scan_backward(ctx, d_out: Tensor):
+    out, a_re, a_im = ctx.saved_tensors
+    ds, da_re, da_im = _scan_backward_op(d_out, out, a_re, a_im, ctx.group)
+    return ds, da_re, da_im, None
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
 def decayed_scan(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:
     """``decayed_scan_ref`` (forward direction) with gradients: the Triton kernel for float32 on
     CUDA (and under the interpreter), the torch loop elsewhere (float64 included)."""
     if s.dtype == torch.float32 and (s.is_cuda or interpreting()):
-        return _DecayedScan.apply(s, a_re, a_im, group)
+        return _scan_op(s, a_re, a_im, group)
+    return _scan_reference(s, a_re, a_im, group)
+
+
+# A graph break under torch.compile: a Python loop over the chunks (tests and CPU only)
+@torch.compiler.disable
+def _scan_reference(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:
     warnings.warn(f"S4D conv='chunked' runs its scan as a torch loop over chunks for {s.dtype} "
                   f"on {s.device.type} (a reference: no Triton kernel there; conv='fft' is "
-                  "faster)", stacklevel=2)
+                  "faster)", stacklevel=3)
     return decayed_scan_ref(s, a_re, a_im, group)
 
 

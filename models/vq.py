@@ -144,6 +144,10 @@ class VectorQuantizer(nn.Module):
         # training step does not sync the device to read the buffer
         self._initialised_seen = not init_from_batch
         self.last_stats: dict[str, Tensor] = {}
+        # deferred mode (see "Deferred updates" below): the codebook the traced forward reads
+        self.register_buffer("codebook_snapshot", codebook.clone(), persistent=False)
+        self.defer_update = False
+        self._pending: tuple[Tensor, Tensor, Tensor, Tensor, torch.Generator | None] | None = None
 
     # ------------------------------------------------------------------------------ lookup
     def distances(self, k: Tensor, codebook: Tensor | None = None) -> Tensor:
@@ -181,12 +185,31 @@ class VectorQuantizer(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     # Under torch.compile the quantising itself (distances, argmin, lookup, loss, counts, stats)
-    # is traced and fused; two small steps run eager, as graph breaks:
-    # - ``_snapshot``: the traced graph sees a copy of the codebook, never the buffer. Inductor's
+    # is traced and fused; two small steps run eager:
+    # - the snapshot: the traced graph sees a copy of the codebook, never the buffer. Inductor's
     #   partitioner may save a graph input for the backward (recomputing the lookup from it),
     #   and the in-place EMA update would invalidate the buffer (a version-counter error);
-    # - ``_update``: the one-off data init reads a device flag and both it and the EMA step
+    # - the update: the one-off data init reads a device flag and both it and the EMA step
     #   mutate buffers; traced, the flag would recompile the rest of the layer after step 1.
+    # Called on its own, the quantiser runs both inside ``forward`` (``_snapshot``, ``_update``:
+    # two graph breaks). Deferred updates (``defer_update = True``, set by a model that drives
+    # them, harness/backbone.py): ``take_snapshot()`` copies the codebook into
+    # ``codebook_snapshot`` before the model's forward, ``forward`` reads that buffer and keeps
+    # the batch's statistics, and ``apply_pending_update()`` runs the update after the model's
+    # forward. The same numbers (each quantiser reads its codebook once per forward, before its
+    # own update), and a compiled model's forward is one graph instead of three per layer.
+    @torch.compiler.disable
+    def take_snapshot(self) -> None:
+        """Deferred mode: copy the codebook into ``codebook_snapshot`` (before a forward)."""
+        self.codebook_snapshot.copy_(self.codebook)
+
+    @torch.compiler.disable
+    def apply_pending_update(self) -> None:
+        """Deferred mode: the EMA step (or data init) of the last forward, if it had one."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._update(*pending)
+
     def forward(
         self,
         k: Tensor,
@@ -216,7 +239,7 @@ class VectorQuantizer(nn.Module):
         weights = valid.reshape(-1).float()
 
         # the snapshot is also what is returned: it must survive the update below
-        codebook = self._snapshot()
+        codebook = self.codebook_snapshot.float() if self.defer_update else self._snapshot()
         codes = self.nearest(k, codebook)
         c = self.lookup(codes, codebook)
         k_hat = k + (c.to(k.dtype) - k).detach()
@@ -242,7 +265,10 @@ class VectorQuantizer(nn.Module):
             kept = flat if mask is None else flat * weights[None, :, None]
             sums = torch.zeros(heads, self.codebook_size, dim, device=k.device).scatter_add(
                 1, flat_codes.unsqueeze(-1).expand(-1, -1, dim), kept)
-            self._update(flat, sums, weights, counts, generator)
+            if self.defer_update:
+                self._pending = (flat, sums, weights, counts, generator)
+            else:
+                self._update(flat, sums, weights, counts, generator)
         if stats:
             self.last_stats = dict(stats)
         return VQOutput(k_hat, codes, commit_loss, codebook, utilisation, perplexity, stats)

@@ -321,9 +321,10 @@ def test_compiled_models_train_like_eager_and_compile_once(model, one_thread):
 
 
 def test_embedding_and_readout_compile_despite_graph_breaks_in_blocks(one_thread):
-    """LongVQ's blocks have graph breaks (the VQ attention op, the codebook snapshot and
-    update). Dynamo then runs the model's own forward eagerly, so the embedding and the readout
-    (final norm, mean pooling, head) must be frames of their own to be compiled at all."""
+    """LongVQ's blocks have a graph break on CPU (the torch VQ attention op; the codebook
+    snapshot and update run before and after the model's forward). Dynamo then runs the model's
+    own forward eagerly, so the embedding and the readout (final norm, mean pooling, head) must
+    be frames of their own to be compiled at all."""
     from harness.registry import parse_model_spec
 
     spec = parse_model_spec("longvq[key_grad=window]")

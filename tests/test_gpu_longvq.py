@@ -86,7 +86,8 @@ def test_cuda_graph_step_trains_like_eager_steps(monkeypatch, model):
 @pytest.mark.parametrize("model", ["longvq[key_grad=window]", "transformer_vq",
                                    "longvq[key_grad=window;ssm_conv=chunked]"])
 def test_compiled_graphed_step_trains_like_eager_steps(monkeypatch, model):
-    """--compile --cuda-graph (inductor around eager VQ steps, all in one graph): the same
+    """--compile --cuda-graph (inductor, the Triton VQ op as custom ops inside its graph, the
+    codebook snapshot and update eager around it; the whole step in one CUDA graph): the same
     losses as eager steps 3-4, to inductor's float32 reordering."""
     from harness.measure import EfficiencyCell, build_step
     from harness.registry import parse_model_spec

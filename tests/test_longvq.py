@@ -124,6 +124,32 @@ def test_training_updates_codebook_but_eval_does_not():
     assert torch.equal(codebook, model.blocks[0].quantizer.codebook)
 
 
+def test_model_defers_codebook_updates_to_the_end_of_its_forward():
+    """The model runs its quantisers in deferred mode (one compiled graph, models/vq.py): the
+    same logits, gradients and codebooks step by step as updating inside each layer."""
+    models = {}
+    for deferred in (False, True):
+        model = build().train()
+        for block in model.blocks:
+            block.quantizer.defer_update = deferred
+        models[deferred] = model
+    assert all(b.quantizer.defer_update for b in build().blocks)  # the model's default
+    for step in range(3):
+        x = tokens(seed=step)
+        grads = {}
+        for deferred, model in models.items():
+            model.zero_grad()
+            torch.manual_seed(step)  # the data init samples keys with torch's generator
+            logits = model(x)
+            task_loss(model, logits, torch.zeros(2, dtype=torch.long)).backward()
+            grads[deferred] = [p.grad.clone() for p in model.parameters()]
+        for (name, a), b in zip(models[False].state_dict().items(),
+                                models[True].state_dict().values(), strict=True):
+            assert torch.equal(a, b), (step, name)
+        for a, b in zip(grads[False], grads[True], strict=True):
+            assert torch.equal(a, b), step
+
+
 def test_bf16_autocast_is_finite():
     model = build(head="lm")
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -201,7 +201,7 @@ INTERPRETER_CONV_CASES = [(False, 100, None), (True, 300, 16), (True, 77, 8)]
 
 
 def _scan_case(case) -> dict[str, float]:
-    from models.s4d_chunked import _DecayedScan, _scan_launch
+    from models.s4d_chunked import _scan_launch, _scan_op
 
     rows, chunks, nh, group = case
     gen = torch.Generator().manual_seed(rows * chunks)
@@ -214,7 +214,7 @@ def _scan_case(case) -> dict[str, float]:
     leaves = (s, a_re, a_im)
     ref = decayed_scan_ref(*(x.double() for x in leaves), group)
     grads_ref = torch.autograd.grad(ref, leaves, d.double())
-    out = _DecayedScan.apply(s, a_re, a_im, group)
+    out = _scan_op(s, a_re, a_im, group)
     grads = torch.autograd.grad(out, leaves, d)
     back, _ = _scan_launch(s.detach(), a_re.detach(), a_im.detach(), group, reverse=True)
     back_ref = decayed_scan_ref(*(x.detach().double() for x in leaves), group, reverse=True)
@@ -227,11 +227,52 @@ def _scan_case(case) -> dict[str, float]:
                                                strict=True)}}
 
 
+def _opcheck_case() -> dict[str, float]:
+    """torch.library.opcheck of the scan's two custom ops (schema, autograd registration, fake
+    tensors, AOT dispatch with dynamic shapes)."""
+    from models.s4d_chunked import _scan_backward_op, _scan_op
+
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 9, 6, generator=gen, requires_grad=True)
+    # one decay row for the 4 rows of s: da's two halves are single rows (no aliasing views)
+    a_re = (torch.rand(1, 3, generator=gen) * 0.5).requires_grad_()
+    a_im = (torch.rand(1, 3, generator=gen) * 0.5).requires_grad_()
+    torch.library.opcheck(_scan_op, (s, a_re, a_im, 4))
+    out = _scan_op(s.detach(), a_re.detach(), a_im.detach(), 4)
+    torch.library.opcheck(_scan_backward_op,
+                          (torch.randn(out.shape, generator=gen), out, a_re.detach(),
+                           a_im.detach(), 4))
+    return {}
+
+
+def _compiled_conv_case() -> dict[str, float]:
+    """The chunked conv compiled with fullgraph=True (the scan is custom ops: no graph break)
+    against the conv run eagerly: max abs differences of the output and gradients."""
+    torch.manual_seed(0)
+    layer = S4D(6, d_state=16, bidirectional=True)
+    u = torch.randn(2, 6, 150, requires_grad=True)
+    params = [layer.kernel.get_parameter(n) for n in S4D_KERNEL_PARAMS]
+
+    def conv(x):
+        return s4d_chunked_conv(x, *params, chunk=16)
+
+    dy = torch.randn(2, 6, 150)
+    torch._dynamo.reset()
+    results = []
+    for fn in (conv, torch.compile(conv, backend="aot_eager", fullgraph=True)):
+        out = fn(u)
+        results.append((out, *torch.autograd.grad(out, [u, *params], dy)))
+    torch._dynamo.reset()
+    return {f"d{i}": (a - b).abs().max().item()
+            for i, (a, b) in enumerate(zip(*results, strict=True))}
+
+
 def _interpreter_main() -> None:
     """``TRITON_INTERPRET=1 python -m tests.test_s4d_chunked``: one JSON line of errors."""
     jobs = {**{f"scan-{c}": functools.partial(_scan_case, c) for c in SCAN_CASES},
             **{f"conv-{c}": functools.partial(_conv_case, *c, torch.float32)
-               for c in INTERPRETER_CONV_CASES}}
+               for c in INTERPRETER_CONV_CASES},
+            "opcheck": _opcheck_case, "compiled-conv": _compiled_conv_case}
     triton_interpreter.run_cases(jobs)
 
 
@@ -250,6 +291,16 @@ def test_interpreter_scan_kernel(interpreter_results, case) -> None:
 @pytest.mark.parametrize("case", INTERPRETER_CONV_CASES, ids=str)
 def test_interpreter_chunked_conv(interpreter_results, case) -> None:
     triton_interpreter.check_result(interpreter_results, f"conv-{case}", 2e-5)
+
+
+@requires_triton
+def test_interpreter_scan_custom_ops_pass_opcheck(interpreter_results) -> None:
+    triton_interpreter.check_result(interpreter_results, "opcheck", 0.0)
+
+
+@requires_triton
+def test_interpreter_compiled_chunked_conv_is_one_graph(interpreter_results) -> None:
+    triton_interpreter.check_result(interpreter_results, "compiled-conv", 1e-6)
 
 
 # ----------------------------------------------------------------------------------- (c) CUDA

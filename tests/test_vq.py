@@ -328,3 +328,51 @@ def test_nearest_impl_is_checked_and_auto_keeps_torch_on_cpu() -> None:
 
 if __name__ == "__main__":
     _interpreter_main()
+
+
+@pytest.mark.parametrize("init_from_batch,threshold", [(True, None), (False, 0.5)])
+def test_deferred_update_matches_immediate(init_from_batch: bool, threshold: float | None) -> None:
+    """Deferred mode (snapshot before, update after the forward) gives the same codes, outputs,
+    gradients and buffers step by step as the update inside ``forward``, with the data init
+    and dead-code restarts (both sample keys with the generator)."""
+    quantizers = {}
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(4, 16, heads=2, decay=0.8, init_from_batch=init_from_batch,
+                             dead_code_threshold=threshold).train()
+        vq.defer_update = deferred
+        quantizers[deferred] = vq
+    gens = {d: torch.Generator().manual_seed(3) for d in quantizers}
+    for step in range(3):
+        k = torch.randn(2, 2, 40, 4, generator=torch.Generator().manual_seed(step)) * 2 + step
+        outs, grads = {}, {}
+        for deferred, vq in quantizers.items():
+            if deferred:
+                vq.take_snapshot()
+            kk = k.clone().requires_grad_()
+            out = vq(kk, generator=gens[deferred])
+            (out.k_hat.square().sum() + out.commit_loss).backward()
+            if deferred:  # nothing changed before the update is applied
+                assert vq._pending is not None and torch.equal(vq.codebook,
+                                                               vq.codebook_snapshot)
+                vq.apply_pending_update()
+                assert vq._pending is None
+            outs[deferred], grads[deferred] = out, kk.grad
+        assert torch.equal(outs[True].codes, outs[False].codes), step
+        assert torch.equal(outs[True].k_hat, outs[False].k_hat), step
+        assert torch.equal(outs[True].codebook, outs[False].codebook), step
+        assert torch.equal(grads[True], grads[False]), step
+        for name, buf in quantizers[False].named_buffers():
+            if name != "codebook_snapshot":
+                assert torch.equal(buf, quantizers[True].get_buffer(name)), (step, name)
+    assert not torch.equal(quantizers[True].codebook, quantizers[True].codebook_snapshot)
+
+
+def test_deferred_mode_without_update_keeps_nothing_pending() -> None:
+    vq = VectorQuantizer(4, 8).eval()
+    vq.defer_update = True
+    vq.take_snapshot()
+    before = vq.codebook.clone()
+    vq(torch.randn(2, 1, 9, 4))
+    vq.apply_pending_update()
+    assert vq._pending is None and torch.equal(vq.codebook, before)

@@ -216,6 +216,110 @@ def _scan_case(_fn, segments) -> dict[str, float]:
             "untouched": (untouched - 123.0).abs().max().item()}
 
 
+# the op compiled (one graph, fullgraph=True: no graph break) against the op run eagerly, a
+# causal, a bidirectional "far" and an "all" case: the same kernels (max abs differences)
+COMPILED_CASES = [INTERPRETER_CASES[1], INTERPRETER_CASES[15], INTERPRETER_CASES[13]]
+
+
+def _compiled_case(fn, case) -> dict[str, float]:
+    attn_fn, causal, use_bias, key_grad, strategy, window, length, chunk, value_dim = case
+    leaves, codebook, codes, grad_out = make_case(1, 2, length, 16, value_dim, 19, window,
+                                                  attn_fn, use_bias)
+    options = dict(attn_fn=attn_fn, causal=causal, window=window, key_grad=key_grad,
+                   chunk=chunk, key_grad_strategy=strategy)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    eager_out, eager_grads = run(fn, leaves, codebook, codes, grad_out, torch.float32, **options)
+    out, grads = run(compiled, leaves, codebook, codes, grad_out, torch.float32, **options)
+    torch._dynamo.reset()
+    return {"o": (out - eager_out).abs().max().item(),
+            **{f"d{n}": (grads[n] - eager_grads[n]).abs().max().item() for n in grads}}
+
+
+# the two custom ops through torch.library.opcheck (schema, autograd registration, fake
+# tensors, AOT dispatch with dynamic shapes): (attn_fn, causal, bias, key_grad, strategy)
+OPCHECK_CASES = [("softmax", True, True, "ste", "codes"), ("laplace", False, False, "window",
+                                                               "split")]
+
+
+def opcheck_ops(case, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                length: int = 37, window: int = 5, chunk: int = 10) -> None:
+    """torch.library.opcheck of the forward op, then of the backward op on its results."""
+    from models.vq_attention.triton import _bwd_op, _fwd_op
+
+    attn_fn, causal, use_bias, key_grad, strategy = case
+    gen = torch.Generator().manual_seed(0)
+    bh, dim, size = 2, 16, 19
+
+    def randn(*shape, x_dtype=dtype):
+        return torch.randn(*shape, generator=gen).to(device, x_dtype).requires_grad_()
+
+    q, k, v = randn(bh, length, dim), randn(bh, length, dim), randn(bh, length, 16)
+    codebook = torch.randn(2, size, dim, generator=gen).to(device, dtype)
+    codes = torch.randint(0, size, (bh, length), generator=gen, dtype=torch.int32).to(device)
+    bias = randn(2 * window - 1, x_dtype=torch.float32) if use_bias else None
+    params = (2, attn_fn, causal, window, key_grad, strategy, chunk)
+    torch.library.opcheck(_fwd_op, (q, k, v, codebook, codes, bias, *params))
+    detached = [None if x is None else x.detach() for x in (q, k, v, codebook, codes, bias)]
+    saved = _fwd_op(*detached, *params)
+    grad_out = torch.randn(saved[0].shape, generator=gen).to(device, dtype)
+    torch.library.opcheck(_bwd_op, (grad_out, *detached, *saved, *params))
+
+
+def _opcheck_case(_fn, case) -> dict[str, float]:
+    opcheck_ops(case)
+    return {}
+
+
+# (model, its overrides): small widths keep the interpreter's tiles few
+MODEL_CASES = {"longvq": {"z_dim": 16, "v_dim": 16}, "transformer_vq": {}}
+
+
+def _model_case(_fn, model: str) -> dict[str, float]:
+    """A model on the Triton op, compiled (aot_eager): a training step gives the eager model's
+    loss, gradients and buffers (the codebooks after their data init; the EMA step's deferral is
+    tested without the interpreter), and dynamo makes one graph of the blocks (the codebook
+    snapshot and update run before and after it); "graphs" is the number of extra graphs,
+    "op_outside" whether the op missed the graph. (One step at L = 20: each launch of the
+    interpreter runs every program of a 128-query chunk.)"""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from harness.backbone import task_loss
+    from harness.registry import REGISTRY
+
+    entry = REGISTRY.get(model)
+    config = entry.make_config(d_model=32, n_layers=2, n_heads=2, d_ffn=64, window=8,
+                               codebook_size=8, attn_impl="triton", key_grad="window",
+                               **MODEL_CASES[model])
+    graphs: list[str] = []
+
+    def record(gm, inputs):
+        graphs.append(str(gm.graph))
+        return aot_eager(gm, inputs)
+
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = entry.build(config).train()
+        torch._dynamo.reset()
+        forward = torch.compile(net, backend=record) if compiled else net
+        torch.manual_seed(10)  # the codebooks' data init samples keys
+        x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+        loss = task_loss(net, forward(x), torch.zeros(2, dtype=torch.long))
+        loss.backward()
+        runs[compiled] = (loss.detach(), [p.grad for p in net.parameters()],
+                          list(net.state_dict().values()))
+    torch._dynamo.reset()
+
+    def max_diff(a, b):
+        return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
+
+    (loss_e, grads_e, state_e), (loss_c, grads_c, state_c) = runs[False], runs[True]
+    return {"loss": (loss_c - loss_e).abs().max().item(), "grads": max_diff(grads_c, grads_e),
+            "buffers": max_diff(state_c, state_e), "graphs": len(graphs) - 1.0,
+            "op_outside": float(not any("vq_attention_fwd" in g for g in graphs))}
+
+
 def _interpreter_main() -> None:
     """``TRITON_INTERPRET=1 python -m tests.test_vq_attention_triton``: every interpreter case,
     one JSON line of relative errors (or the traceback) per case id."""
@@ -225,7 +329,10 @@ def _interpreter_main() -> None:
     jobs = {**{_case_id(c): (_interpreter_case, c) for c in INTERPRETER_CASES},
             **{f"stable-{c}": (_stable_case, c) for c in STABLE_CASES},
             **{f"cache-{c[0]}-{c[1]}": (_cache_case, c) for c in CACHE_CASES},
-            **{f"scan-{c}": (_scan_case, c) for c in SCAN_CASES}}
+            **{f"scan-{c}": (_scan_case, c) for c in SCAN_CASES},
+            **{f"compiled-{_case_id(c)}": (_compiled_case, c) for c in COMPILED_CASES},
+            **{f"opcheck-{_case_id(c)}": (_opcheck_case, c) for c in OPCHECK_CASES},
+            **{f"model-{m}": (_model_case, m) for m in MODEL_CASES}}
     triton_interpreter.run_cases({case_id: functools.partial(runner, vq_attention_triton, case)
                                   for case_id, (runner, case) in jobs.items()})
 
@@ -261,6 +368,26 @@ def test_interpreter_scan_segments(interpreter_results, segments):
 def test_interpreter_softmax_stable(interpreter_results, causal):
     """Large logits (q x 100) and a bias of -20 over the window: finite and exact in float32."""
     check_interpreter_result(interpreter_results, f"stable-{causal}", 1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=_case_id)
+def test_interpreter_compiled_op_is_one_graph_and_matches_eager(interpreter_results, case):
+    """torch.compile(fullgraph=True) traces the op without a graph break (two custom ops with
+    their autograd formula) and gives the eager op's output and gradients."""
+    check_interpreter_result(interpreter_results, f"compiled-{_case_id(case)}", 1e-6)
+
+
+@requires_triton
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=_case_id)
+def test_interpreter_custom_ops_pass_opcheck(interpreter_results, case):
+    check_interpreter_result(interpreter_results, f"opcheck-{_case_id(case)}", 0.0)
+
+
+@requires_triton
+@pytest.mark.parametrize("model", MODEL_CASES)
+def test_interpreter_compiled_model_is_one_graph(interpreter_results, model):
+    check_interpreter_result(interpreter_results, f"model-{model}", 1e-6)
 
 
 @requires_triton
@@ -338,6 +465,19 @@ def test_cuda_matches_naive(one_config, attn_fn, causal, dtype, shape):
                                                   attn_fn, use_bias, seed=1, device="cuda")
     compare(vq_attention_triton, leaves, codebook, codes, grad_out, dtype, TOL[dtype],
             {"chunk": chunk}, attn_fn=attn_fn, causal=causal, window=window, key_grad=key_grad)
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(("case", "dtype"), [
+    (("softmax", False, True, "window", "auto"), torch.bfloat16),  # LongVQ's (Text-4K)
+    (("laplace", True, False, "ste", "split"), torch.float32),
+])
+def test_cuda_custom_ops_pass_opcheck(one_config, case, dtype):
+    """The custom ops on CUDA tensors: the fake outputs (what inductor plans with) match the
+    real ones in shape, stride and dtype (the bf16 code cache included)."""
+    opcheck_ops(case, "cuda", dtype, length=300, window=64, chunk=128)
 
 
 @requires_triton

@@ -42,9 +42,6 @@ def kernel_inputs(impl: str, *tensors: Tensor) -> tuple[Tensor, ...]:
     return to_autocast_dtype(*tensors) if impl == "triton" else tensors
 
 
-# Eager under torch.compile (a graph break): the Triton kernels bring their own autotuned
-# launches and custom backward, which dynamo would otherwise re-trace and re-autotune.
-@torch.compiler.disable
 def vq_attention(
     q: Tensor,
     k_hat: Tensor,
@@ -61,15 +58,27 @@ def vq_attention(
 ) -> Tensor:
     """Dispatch to ``vq_attention_linear`` (default), ``vq_attention_naive``,
     ``vq_attention_triton`` (CUDA) or "auto" (``resolve_impl``). key_grad: "ste"
-    (straight-through gradient to every key) or "window" (only from the exact local blocks)."""
+    (straight-through gradient to every key) or "window" (only from the exact local blocks).
+    Under torch.compile the Triton op is two custom ops inside the caller's graph; the torch
+    paths run eagerly (a graph break)."""
     impl = resolve_impl(impl, q)
     if impl == "triton":
         if not triton_available():
             raise ValueError("impl='triton' needs the triton package (pip install triton)")
-        from .triton import vq_attention_triton as fn
-    else:
-        fn = vq_attention_linear if impl == "linear" else vq_attention_naive
-    return fn(
-        q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn, causal=causal, window=window,
-        key_grad=key_grad,
-    )
+        from .triton import vq_attention_triton
+
+        return vq_attention_triton(q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn,
+                                   causal=causal, window=window, key_grad=key_grad)
+    return _torch_path(q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn, causal=causal,
+                       window=window, impl=impl, key_grad=key_grad)
+
+
+# Eager under torch.compile (a graph break): the linear path's custom backward and the naive
+# oracle are references, not what a compiled GPU model runs.
+@torch.compiler.disable
+def _torch_path(q: Tensor, k_hat: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
+                bias: Tensor | None, *, attn_fn: str, causal: bool, window: int, impl: str,
+                key_grad: str) -> Tensor:
+    fn = vq_attention_linear if impl == "linear" else vq_attention_naive
+    return fn(q, k_hat, v, codebook, codes, bias, attn_fn=attn_fn, causal=causal, window=window,
+              key_grad=key_grad)

@@ -71,7 +71,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
 from models._optional import interpreting
@@ -1358,49 +1357,109 @@ def _far_key_grad_torch(spec: _Spec, q, k, v, codebook, codes, bias, lse, delta,
     return dk[:, :, :length]
 
 
-class _TritonVQAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k_hat, v, codebook, codes, bias, spec: _Spec):
-        dtype = kernel_dtype(q, k_hat, v)
-        batch, heads = q.shape[:2]
-        qc, kc, vc = (x.to(dtype).reshape(batch * heads, *x.shape[2:]).contiguous()
-                      for x in (q, k_hat, v))
-        cb = codebook.to(dtype).contiguous()
-        codes32 = codes.to(torch.int32).reshape(batch * heads, -1).contiguous()
-        bias32 = None if bias is None else bias.float().contiguous()
-        out, lse, u, cnt = _forward(spec, qc, kc, vc, cb, codes32, bias32)
-        # only the kernel-layout copies are kept (they alias the inputs when these are already
-        # contiguous in the kernel dtype), plus the dtypes to return the gradients in; the code
-        # cache (L / CH entries of S x Dv) too, rather than recomputing it in the backward
-        ctx.save_for_backward(qc, kc, vc, cb, codes32, bias32, out, lse, u, cnt)
-        ctx.spec = spec
-        ctx.layout = (batch, heads, q.dtype, k_hat.dtype, v.dtype,
-                      None if bias is None else bias.dtype)
-        return out.view(batch, heads, *out.shape[1:]).to(q.dtype)
+# The op as two custom ops with a registered autograd formula: under torch.compile they are
+# opaque nodes of the model's graph (dynamo neither traces the launcher nor re-autotunes, and the
+# layout casts around them fuse into the neighbouring kernels), where an autograd.Function
+# behind torch.compiler.disable split each layer's graph in two. Their inputs are the kernel
+# layout: (B H, L, .) tensors in the kernel dtype, int32 codes, a float32 bias.
+def _op_spec(q: Tensor, v: Tensor, codebook: Tensor, bias: Tensor | None, heads: int,
+             attn_fn: str, causal: bool, window: int, key_grad: str, strategy: str,
+             chunk: int) -> _Spec:
+    if causal:
+        mode = "past"
+    else:
+        mode = "far" if bias is not None or key_grad == "window" else "all"
+    return _Spec(
+        batch_heads=q.shape[0], heads=heads, length=q.shape[1], dim=q.shape[2],
+        value_dim=v.shape[2], size=codebook.shape[1], window=window, chunk=chunk,
+        attn_fn=attn_fn, causal=causal, mode=mode, has_bias=bias is not None,
+        key_grad=key_grad, strategy=strategy,
+        cb_head_stride=codebook.shape[1] * codebook.shape[2] if codebook.shape[0] > 1 else 0,
+    )
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        qc, kc, vc, cb, codes32, bias32, out, lse, u, cnt = ctx.saved_tensors
-        spec: _Spec = ctx.spec
-        batch, heads, q_dtype, k_dtype, v_dtype, bias_dtype = ctx.layout
-        do = grad_out.to(qc.dtype).reshape(batch * heads, *grad_out.shape[2:]).contiguous()
-        dq, dk, dv, dbias, delta = _backward(spec, qc, kc, vc, cb, codes32, bias32, out, lse, do,
-                                             u, cnt)
 
+def _no_lse(q: Tensor) -> Tensor:
+    """Laplace has no row statistics; custom ops return tensors, so an empty one."""
+    return q.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("longvq::vq_attention_fwd", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
+            bias: Tensor | None, heads: int, attn_fn: str, causal: bool, window: int,
+            key_grad: str, strategy: str, chunk: int
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """out (B H, L, Dv), lse (B H, L) or empty, and the code cache U, n (saved for the
+    backward)."""
+    spec = _op_spec(q, v, codebook, bias, heads, attn_fn, causal, window, key_grad, strategy,
+                    chunk)
+    q, k, v, codebook, codes = (x.contiguous() for x in (q, k, v, codebook, codes))
+    bias = None if bias is None else bias.contiguous()
+    out, lse, u, cnt = _forward(spec, q, k, v, codebook, codes, bias)
+    return out, _no_lse(q) if lse is None else lse, u, cnt
+
+
+@_fwd_op.register_fake
+def _(q, k, v, codebook, codes, bias, heads, attn_fn, causal, window, key_grad, strategy,
+      chunk):
+    spec = _op_spec(q, v, codebook, bias, heads, attn_fn, causal, window, key_grad, strategy,
+                    chunk)
+    cache = (spec.batch_heads, spec.n_cache, spec.size)
+    return (q.new_empty(*q.shape[:-1], spec.value_dim),
+            q.new_empty(q.shape[:-1], dtype=torch.float32) if attn_fn == "softmax"
+            else _no_lse(q),
+            q.new_empty(*cache, spec.value_dim, dtype=_forward_cache_dtype(q.dtype)),
+            q.new_empty(cache, dtype=torch.float32))
+
+
+@torch.library.custom_op("longvq::vq_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
+            bias: Tensor | None, out: Tensor, lse: Tensor, u: Tensor, cnt: Tensor, heads: int,
+            attn_fn: str, causal: bool, window: int, key_grad: str, strategy: str, chunk: int
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk_hat, dv (the kernel dtype) and dbias (float32; empty without a bias)."""
+    spec = _op_spec(q, v, codebook, bias, heads, attn_fn, causal, window, key_grad, strategy,
+                    chunk)
+    q, k, v, codebook, codes, out = (x.contiguous() for x in (q, k, v, codebook, codes, out))
+    bias = None if bias is None else bias.contiguous()
+    softmax = attn_fn == "softmax"
+    do = grad_out.to(q.dtype).contiguous()
+    dq, dk, dv, dbias, delta = _backward(spec, q, k, v, codebook, codes, bias, out,
+                                         lse if softmax else None, do, u, cnt)
+    if key_grad == "ste" and spec.strategy == "codes":
         def per_head(x: Tensor) -> Tensor:  # (B H, L, .) -> (B, H, L, .)
-            return x.view(batch, heads, *x.shape[1:])
+            return x.view(-1, heads, *x.shape[1:])
 
-        dq, dk, dv = per_head(dq), per_head(dk), per_head(dv)
-        if spec.key_grad == "ste" and spec.strategy == "codes":
-            far = _far_key_grad_torch(
-                spec, per_head(qc), per_head(kc), per_head(vc), cb, per_head(codes32).long(),
-                bias32, None if lse is None else per_head(lse), None if delta is None
-                else per_head(delta), per_head(do),
-            )
-            dk = dk.float() + far
-        return (dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None,
-                None if dbias is None else dbias.to(bias_dtype), None)
+        far = _far_key_grad_torch(
+            spec, per_head(q), per_head(k), per_head(v), codebook, per_head(codes).long(), bias,
+            per_head(lse) if softmax else None, None if delta is None else per_head(delta),
+            per_head(do))
+        dk = dk.float() + far.flatten(0, 1)
+    return dq, dk.to(k.dtype), dv, _no_lse(q) if dbias is None else dbias
+
+
+@_bwd_op.register_fake
+def _(grad_out, q, k, v, codebook, codes, bias, out, lse, u, cnt, heads, attn_fn, causal, window,
+      key_grad, strategy, chunk):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            _no_lse(q) if bias is None else bias.new_empty(bias.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, codebook, codes, bias, *params = inputs
+    out, lse, u, cnt = output
+    # the code cache (L / CH entries of S x Dv) is kept rather than recomputed in the backward
+    ctx.save_for_backward(q, k, v, codebook, codes, bias, out, lse, u, cnt)
+    ctx.params = params
+    ctx.has_bias = bias is not None
+
+
+def _backward_formula(ctx, grad_out, _grad_lse, _grad_u, _grad_cnt):
+    dq, dk, dv, dbias = _bwd_op(grad_out, *ctx.saved_tensors, *ctx.params)
+    return (dq, dk, dv, None, None, dbias if ctx.has_bias else None,
+            *(None for _ in ctx.params))
+
+
+_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def kernel_dtype(q: Tensor, k_hat: Tensor, v: Tensor) -> torch.dtype:
@@ -1412,7 +1471,6 @@ def kernel_dtype(q: Tensor, k_hat: Tensor, v: Tensor) -> torch.dtype:
     return dtype
 
 
-@torch.compiler.disable  # opaque to dynamo: a graph break, not a trace of the launcher
 def vq_attention_triton(
     q: Tensor,
     k_hat: Tensor,
@@ -1452,19 +1510,15 @@ def vq_attention_triton(
     chunk = default_chunk(window) if chunk is None else chunk
     if not isinstance(chunk, int) or chunk < window or chunk % window:
         raise ValueError(f"chunk={chunk!r} must be a positive multiple of window={window}")
-    length = q.shape[2]
     strategy = key_grad_strategy
     if strategy == "auto":
-        strategy = "split" if length <= DENSE_MAX_LEN else "codes"
-    if causal:
-        mode = "past"
-    else:
-        mode = "far" if bias is not None or key_grad == "window" else "all"
-    spec = _Spec(
-        batch_heads=q.shape[0] * q.shape[1], heads=q.shape[1], length=length, dim=q.shape[3],
-        value_dim=v.shape[3], size=codebook.shape[1], window=window, chunk=chunk,
-        attn_fn=attn_fn, causal=causal, mode=mode, has_bias=bias is not None,
-        key_grad=key_grad, strategy=strategy,
-        cb_head_stride=codebook.shape[1] * codebook.shape[2] if codebook.shape[0] > 1 else 0,
-    )
-    return _TritonVQAttention.apply(q, k_hat, v, codebook, codes, bias, spec)
+        strategy = "split" if q.shape[2] <= DENSE_MAX_LEN else "codes"
+    dtype = kernel_dtype(q, k_hat, v)
+    batch, heads = q.shape[:2]
+    qc, kc, vc = (x.to(dtype).reshape(batch * heads, *x.shape[2:]).contiguous()
+                  for x in (q, k_hat, v))
+    out = _fwd_op(qc, kc, vc, codebook.to(dtype).contiguous(),
+                  codes.to(torch.int32).reshape(batch * heads, -1).contiguous(),
+                  None if bias is None else bias.float().contiguous(), heads, attn_fn, causal,
+                  window, key_grad, strategy, chunk)[0]
+    return out.view(batch, heads, *out.shape[1:]).to(q.dtype)
