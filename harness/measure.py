@@ -198,11 +198,18 @@ def with_memory_budget(compiled: Callable[..., torch.Tensor],
                        budget: float) -> Callable[..., torch.Tensor]:
     """``compiled`` run under AOTAutograd's ``activation_memory_budget``. torch.compile traces
     and partitions (picks what the forward saves) during the calls that compile, so the setting
-    is scoped to every call rather than set process-wide."""
+    is scoped to every call rather than set process-wide.
+
+    Custom ops (our Triton and FFT kernels) are kept out of the partitioner's cheap
+    recomputation passes (``is_non_builtin_to_include``): those passes treat every op that is
+    not a matmul as free, so under a budget they re-ran the VQ attention forward and the FFT
+    convolution in the backward. The final knapsack pass may still recompute one, weighing it
+    by its FLOP formula (registered beside each op) against what it saves."""
     import torch._functorch.config as functorch_config
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with functorch_config.patch(activation_memory_budget=budget):
+        with functorch_config.patch(activation_memory_budget=budget,
+                                    is_non_builtin_to_include=True):
             return compiled(*args, **kwargs)
     return forward
 

@@ -29,11 +29,13 @@ the causal form on the reversed input, shifted by one position. ``models.fft_con
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from models._optional import interpreting
 
@@ -126,6 +128,18 @@ def _scan_backward(ctx, d_out: Tensor):
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+# a complex multiply-add per state entry (models/fft_conv.py says why ops have FLOP formulas)
+@register_flop_formula(torch.ops.longvq.decayed_scan)
+def _(s_shape, a_re_shape, a_im_shape, group, *, out_shape=None, **kwargs) -> int:
+    return 4 * math.prod(s_shape)
+
+
+@register_flop_formula(torch.ops.longvq.decayed_scan_backward)
+def _(d_out_shape, out_shape_in, a_re_shape, a_im_shape, group, *, out_shape=None,
+      **kwargs) -> int:
+    return 8 * math.prod(d_out_shape)
 
 
 def decayed_scan(s: Tensor, a_re: Tensor, a_im: Tensor, group: int) -> Tensor:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
 from models._optional import importable
 from models.vq_attention._common import check_choice
@@ -63,6 +64,12 @@ def _nearest_code_op(k: Tensor, codebook: Tensor) -> Tensor:
 @_nearest_code_op.register_fake
 def _(k: Tensor, codebook: Tensor) -> Tensor:
     return k.new_empty(k.shape[:-1], dtype=torch.int64)
+
+
+# the distance products, for torch.compile's partitioner (models/fft_conv.py says why)
+@register_flop_formula(torch.ops.longvq.nearest_code)
+def _(k_shape, codebook_shape, *, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(k_shape) * codebook_shape[1]
 
 
 @dataclass

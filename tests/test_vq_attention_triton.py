@@ -320,6 +320,41 @@ def _model_case(_fn, model: str) -> dict[str, float]:
             "op_outside": float(not any("vq_attention_fwd" in g for g in graphs))}
 
 
+def _lean_case(_fn, _case) -> dict[str, float]:
+    """LongVQ on the Triton op compiled with the min-cut partitioner (inductor's) under
+    ``activation_memory_budget=0.5`` through the harness (``with_memory_budget``): the op's
+    forward runs once, in the forward graph; the budget must not make the backward re-run it.
+    "recomputed": its calls in the backward graph; "missing": 1 if the forward lacks it."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from harness.backbone import task_loss
+    from harness.measure import with_memory_budget
+    from harness.registry import REGISTRY
+
+    entry = REGISTRY.get("longvq")
+    net = entry.build(entry.make_config(d_model=32, n_layers=1, n_heads=2, d_ffn=64, window=8,
+                                        codebook_size=8, attn_impl="triton",
+                                        key_grad="window", z_dim=16, v_dim=16)).train()
+    graphs: dict[str, list[str]] = {"forward": [], "backward": []}
+
+    def compiler(kind):
+        def compile_graph(gm, _inputs):
+            graphs[kind].append(str(gm.graph))
+            return make_boxed_func(gm.forward)
+        return compile_graph
+
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    forward = with_memory_budget(torch.compile(net, backend=backend), 0.5)
+    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    task_loss(net, forward(x), torch.zeros(2, dtype=torch.long)).backward()
+    torch._dynamo.reset()
+    return {"recomputed": float(sum(g.count("vq_attention_fwd") for g in graphs["backward"])),
+            "missing": float(not any("vq_attention_fwd" in g for g in graphs["forward"]))}
+
+
 def _interpreter_main() -> None:
     """``TRITON_INTERPRET=1 python -m tests.test_vq_attention_triton``: every interpreter case,
     one JSON line of relative errors (or the traceback) per case id."""
@@ -332,7 +367,8 @@ def _interpreter_main() -> None:
             **{f"scan-{c}": (_scan_case, c) for c in SCAN_CASES},
             **{f"compiled-{_case_id(c)}": (_compiled_case, c) for c in COMPILED_CASES},
             **{f"opcheck-{_case_id(c)}": (_opcheck_case, c) for c in OPCHECK_CASES},
-            **{f"model-{m}": (_model_case, m) for m in MODEL_CASES}}
+            **{f"model-{m}": (_model_case, m) for m in MODEL_CASES},
+            "model-lean": (_lean_case, None)}
     triton_interpreter.run_cases({case_id: functools.partial(runner, vq_attention_triton, case)
                                   for case_id, (runner, case) in jobs.items()})
 
@@ -388,6 +424,11 @@ def test_interpreter_custom_ops_pass_opcheck(interpreter_results, case):
 @pytest.mark.parametrize("model", MODEL_CASES)
 def test_interpreter_compiled_model_is_one_graph(interpreter_results, model):
     check_interpreter_result(interpreter_results, f"model-{model}", 1e-6)
+
+
+@requires_triton
+def test_interpreter_memory_budget_does_not_recompute_the_op(interpreter_results):
+    check_interpreter_result(interpreter_results, "model-lean", 0.0)
 
 
 @requires_triton

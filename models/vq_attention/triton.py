@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 from triton.runtime.errors import OutOfResources
 
 from models._optional import interpreting
@@ -1460,6 +1461,37 @@ def _backward_formula(ctx, grad_out, _grad_lse, _grad_u, _grad_cnt):
 
 
 _fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# FLOP estimates for torch.compile's partitioner (models/fft_conv.py says why): per query the
+# code part (q . c_s and the weights times U_s over S codes) and its band of exact keys (about
+# CH / 2 + W causal, CH + 2W bidirectional with a local part, none for "all").
+def vq_attention_flops(q_shape, v_shape, codebook_shape, has_bias: bool, causal: bool,
+                       window: int, key_grad: str, chunk: int) -> int:
+    batch_heads, length, dim = q_shape
+    value_dim, size = v_shape[-1], codebook_shape[1]
+    if causal:
+        band = chunk // 2 + window
+    else:
+        band = chunk + 2 * window if has_bias or key_grad == "window" else 0
+    return 2 * batch_heads * length * (size + band) * (dim + value_dim)
+
+
+@register_flop_formula(torch.ops.longvq.vq_attention_fwd)
+def _(q_shape, k_shape, v_shape, codebook_shape, codes_shape, bias_shape, heads, attn_fn,
+      causal, window, key_grad, strategy, chunk, *, out_shape=None, **kwargs) -> int:
+    return vq_attention_flops(q_shape, v_shape, codebook_shape, bias_shape is not None, causal,
+                              window, key_grad, chunk)
+
+
+@register_flop_formula(torch.ops.longvq.vq_attention_bwd)
+def _(grad_out_shape, q_shape, k_shape, v_shape, codebook_shape, codes_shape, bias_shape,
+      out_shape_in, lse_shape, u_shape, cnt_shape, heads, attn_fn, causal, window, key_grad,
+      strategy, chunk, *, out_shape=None, **kwargs) -> int:
+    # the band twice (dq; dk, dv) with the scores recomputed, the code part twice (dq; the
+    # gradient sums): about 2.5 forwards (key_grad="ste" adds the far keys, not counted)
+    return 5 * vq_attention_flops(q_shape, v_shape, codebook_shape, bias_shape is not None,
+                                  causal, window, key_grad, chunk) // 2
 
 
 def kernel_dtype(q: Tensor, k_hat: Tensor, v: Tensor) -> torch.dtype:

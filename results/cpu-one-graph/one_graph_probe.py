@@ -7,9 +7,10 @@ under the interpreter. The variants:
   before: the stand-in behind torch.compiler.disable and the quantisers updating inside their
           own forward (defer_update=False): the structure of the code before the change;
   after:  the stand-in as a custom op in the graph, the updates deferred (the model's default).
-Printed per variant: dynamo's graphs, the first (compiling) step's seconds, and per later step
-the inductor kernels run and the ATen compute ops run outside them (eager work; views and
-allocations not counted), from torch.profiler. A proxy: inductor's GPU kernels differ from its
+Printed per variant: dynamo's graphs, the first (compiling) step's seconds (inductor's caches
+off), and per later step, from torch.profiler, the inductor kernels run and the other ATen
+compute ops run (the GEMMs and FFTs inductor calls, and eager work; views, casts and
+allocations not counted), and their sum. A proxy: inductor's GPU kernels differ from its
 CPU ones, and the GPU step has the real Triton op.
 
     PYTHONPATH=. python results/cpu-one-graph/one_graph_probe.py
@@ -107,13 +108,15 @@ def run(variant: str) -> None:
         if e.name.startswith("aten::") and e.name[6:] not in NOT_COMPUTE
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "graph_"))))
     graphs = dynamo.utils.counters["stats"]["unique_graphs"]
-    print(f"{variant}: graphs {graphs}, first step {first:.1f} s, inductor kernels per step "
-          f"{kernels}, eager ATen compute ops per step {sum(eager.values())} "
-          f"({', '.join(f'{n[6:]} {c}' for n, c in eager.most_common(6))})")
+    print(f"{variant}: graphs {graphs}, first step {first:.1f} s; per step: inductor kernels "
+          f"{kernels}, other ATen compute ops {sum(eager.values())} "
+          f"({', '.join(f'{n[6:]} {c}' for n, c in eager.most_common(6))}), "
+          f"sum {kernels + sum(eager.values())}")
 
 
 if __name__ == "__main__":
     inductor_config.cpp.enable_kernel_profile = True  # each C++ kernel is a profiler event
+    inductor_config.force_disable_caches = True  # compile times from scratch, both variants
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, inductor on CPU")
     for name in ("before", "after"):
