@@ -216,8 +216,9 @@ def _scan_case(_fn, segments) -> dict[str, float]:
             "untouched": (untouched - 123.0).abs().max().item()}
 
 
-# the op compiled (one graph, fullgraph=True: no graph break) against the op run eagerly, a
-# causal, a bidirectional "far" and an "all" case: the same kernels (max abs differences)
+# the op compiled (one graph, fullgraph=True: no graph break; the custom ops) against the op run
+# eagerly (its autograd.Function), a causal, a bidirectional "far" and an "all" case: the same
+# kernels (max abs differences)
 COMPILED_CASES = [INTERPRETER_CASES[1], INTERPRETER_CASES[15], INTERPRETER_CASES[13]]
 
 

@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 from triton.runtime.errors import OutOfResources
 
@@ -1384,11 +1385,10 @@ def _no_lse(q: Tensor) -> Tensor:
     return q.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("longvq::vq_attention_fwd", mutates_args=())
-def _fwd_op(q: Tensor, k: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
-            bias: Tensor | None, heads: int, attn_fn: str, causal: bool, window: int,
-            key_grad: str, strategy: str, chunk: int
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
+              bias: Tensor | None, heads: int, attn_fn: str, causal: bool, window: int,
+              key_grad: str, strategy: str, chunk: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """out (B H, L, Dv), lse (B H, L) or empty, and the code cache U, n (saved for the
     backward)."""
     spec = _op_spec(q, v, codebook, bias, heads, attn_fn, causal, window, key_grad, strategy,
@@ -1397,6 +1397,9 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
     bias = None if bias is None else bias.contiguous()
     out, lse, u, cnt = _forward(spec, q, k, v, codebook, codes, bias)
     return out, _no_lse(q) if lse is None else lse, u, cnt
+
+
+_fwd_op = torch.library.custom_op("longvq::vq_attention_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -1412,11 +1415,10 @@ def _(q, k, v, codebook, codes, bias, heads, attn_fn, causal, window, key_grad, 
             q.new_empty(cache, dtype=torch.float32))
 
 
-@torch.library.custom_op("longvq::vq_attention_bwd", mutates_args=())
-def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, codebook: Tensor, codes: Tensor,
-            bias: Tensor | None, out: Tensor, lse: Tensor, u: Tensor, cnt: Tensor, heads: int,
-            attn_fn: str, causal: bool, window: int, key_grad: str, strategy: str, chunk: int
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, codebook: Tensor,
+              codes: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor, u: Tensor,
+              cnt: Tensor, heads: int, attn_fn: str, causal: bool, window: int, key_grad: str,
+              strategy: str, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk_hat, dv (the kernel dtype) and dbias (float32; empty without a bias)."""
     spec = _op_spec(q, v, codebook, bias, heads, attn_fn, causal, window, key_grad, strategy,
                     chunk)
@@ -1436,6 +1438,9 @@ def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, codebook: Tensor,
             per_head(do))
         dk = dk.float() + far.flatten(0, 1)
     return dq, dk.to(k.dtype), dv, _no_lse(q) if dbias is None else dbias
+
+
+_bwd_op = torch.library.custom_op("longvq::vq_attention_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -1461,6 +1466,27 @@ def _backward_formula(ctx, grad_out, _grad_lse, _grad_u, _grad_cnt):
 
 
 _fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+class _EagerVQAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls: a custom op's Python
+    dispatch costs tens of microseconds per call more than an autograd.Function's, which the
+    kernel benchmark (host time included) would count at short L."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, codebook, codes, bias, *params):
+        out, lse, u, cnt = _fwd_impl(q, k, v, codebook, codes, bias, *params)
+        ctx.save_for_backward(q, k, v, codebook, codes, bias, out, lse, u, cnt)
+        ctx.params = params
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        dq, dk, dv, dbias = _bwd_impl(grad_out, *ctx.saved_tensors, *ctx.params)
+        return (dq, dk, dv, None, None, dbias if ctx.has_bias else None,
+                *(None for _ in ctx.params))
 
 
 # FLOP estimates for torch.compile's partitioner (models/fft_conv.py says why): per query the
@@ -1549,8 +1575,10 @@ def vq_attention_triton(
     batch, heads = q.shape[:2]
     qc, kc, vc = (x.to(dtype).reshape(batch * heads, *x.shape[2:]).contiguous()
                   for x in (q, k_hat, v))
-    out = _fwd_op(qc, kc, vc, codebook.to(dtype).contiguous(),
-                  codes.to(torch.int32).reshape(batch * heads, -1).contiguous(),
-                  None if bias is None else bias.float().contiguous(), heads, attn_fn, causal,
-                  window, key_grad, strategy, chunk)[0]
+    args = (qc, kc, vc, codebook.to(dtype).contiguous(),
+            codes.to(torch.int32).reshape(batch * heads, -1).contiguous(),
+            None if bias is None else bias.float().contiguous(), heads, attn_fn, causal, window,
+            key_grad, strategy, chunk)
+    # traced by torch.compile: the custom ops (one graph); eager: the cheaper Function
+    out = _fwd_op(*args)[0] if torch.compiler.is_compiling() else _EagerVQAttention.apply(*args)
     return out.view(batch, heads, *out.shape[1:]).to(q.dtype)
