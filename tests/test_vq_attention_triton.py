@@ -238,9 +238,11 @@ def _compiled_case(fn, case) -> dict[str, float]:
 
 
 # the two custom ops through torch.library.opcheck (schema, autograd registration, fake
-# tensors, AOT dispatch with dynamic shapes): (attn_fn, causal, bias, key_grad, strategy)
-OPCHECK_CASES = [("softmax", True, True, "ste", "codes"), ("laplace", False, False, "window",
-                                                               "split")]
+# tensors, AOT dispatch with dynamic shapes): (attn_fn, causal, bias, key_grad, strategy), one
+# per cache mode: "past", "far", "all"
+OPCHECK_CASES = [("softmax", True, True, "ste", "codes"),
+                 ("laplace", False, False, "window", "split"),
+                 ("softmax", False, False, "ste", "split")]
 
 
 def opcheck_ops(case, device: str = "cpu", dtype: torch.dtype = torch.float32,
