@@ -57,31 +57,40 @@ def _stand_in(q, k_hat, v, codebook, codes, bias, **_options):
     return _attention(q, k_hat, v)[0]
 
 
-def _backward_calls(monkeypatch, budget_wrapper) -> int:
-    monkeypatch.setattr(models.longvq, "vq_attention", _stand_in)
+# a one-layer LongVQ small enough for Triton's interpreter (test_vq_attention_triton.py uses it
+# on the real op)
+TINY_LONGVQ = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ffn": 64, "window": 8,
+               "codebook_size": 8, "key_grad": "window", "z_dim": 16, "v_dim": 16}
+
+
+def partitioned_graphs(budget_wrapper, **overrides) -> dict[str, list[str]]:
+    """One training step of a tiny LongVQ compiled with the min-cut partitioner (inductor's) and
+    run through ``budget_wrapper``: the forward and backward graphs it made, as text."""
     entry = REGISTRY.get("longvq")
     torch.manual_seed(0)
-    net = entry.build(entry.make_config(d_model=32, n_layers=1, n_heads=2, d_ffn=64, window=8,
-                                        codebook_size=8, key_grad="window", z_dim=16,
-                                        v_dim=16)).train()
-    backward: list[str] = []
+    net = entry.build(entry.make_config(**{**TINY_LONGVQ, **overrides})).train()
+    graphs: dict[str, list[str]] = {"forward": [], "backward": []}
 
-    def compile_graph(kind):
-        def run(gm, _inputs):
-            if kind == "backward":
-                backward.append(str(gm.graph))
+    def compiler(kind):
+        def compile_graph(gm, _inputs):
+            graphs[kind].append(str(gm.graph))
             return make_boxed_func(gm.forward)
-        return run
+        return compile_graph
 
-    backend = aot_autograd(fw_compiler=compile_graph("forward"),
-                           bw_compiler=compile_graph("backward"),
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
                            partition_fn=min_cut_rematerialization_partition)
     torch._dynamo.reset()
     forward = budget_wrapper(torch.compile(net, backend=backend))
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     task_loss(net, forward(x), torch.zeros(2, dtype=torch.long)).backward()
     torch._dynamo.reset()
-    return sum(g.count("budget_test.attention.default") for g in backward)
+    return graphs
+
+
+def _backward_calls(monkeypatch, budget_wrapper) -> int:
+    monkeypatch.setattr(models.longvq, "vq_attention", _stand_in)
+    return sum(g.count("budget_test.attention.default")
+               for g in partitioned_graphs(budget_wrapper)["backward"])
 
 
 def test_memory_budget_does_not_recompute_an_expensive_custom_op(monkeypatch) -> None:

@@ -328,32 +328,11 @@ def _lean_case(_fn, _case) -> dict[str, float]:
     ``activation_memory_budget=0.5`` through the harness (``with_memory_budget``): the op's
     forward runs once, in the forward graph; the budget must not make the backward re-run it.
     "recomputed": its calls in the backward graph; "missing": 1 if the forward lacks it."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
-    from harness.backbone import task_loss
     from harness.measure import with_memory_budget
-    from harness.registry import REGISTRY
+    from tests.test_memory_budget import partitioned_graphs
 
-    entry = REGISTRY.get("longvq")
-    net = entry.build(entry.make_config(d_model=32, n_layers=1, n_heads=2, d_ffn=64, window=8,
-                                        codebook_size=8, attn_impl="triton",
-                                        key_grad="window", z_dim=16, v_dim=16)).train()
-    graphs: dict[str, list[str]] = {"forward": [], "backward": []}
-
-    def compiler(kind):
-        def compile_graph(gm, _inputs):
-            graphs[kind].append(str(gm.graph))
-            return make_boxed_func(gm.forward)
-        return compile_graph
-
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                           partition_fn=min_cut_rematerialization_partition)
-    torch._dynamo.reset()
-    forward = with_memory_budget(torch.compile(net, backend=backend), 0.5)
-    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
-    task_loss(net, forward(x), torch.zeros(2, dtype=torch.long)).backward()
-    torch._dynamo.reset()
+    graphs = partitioned_graphs(lambda compiled: with_memory_budget(compiled, 0.5),
+                                attn_impl="triton")
     return {"recomputed": float(sum(g.count("vq_attention_fwd") for g in graphs["backward"])),
             "missing": float(not any("vq_attention_fwd" in g for g in graphs["forward"]))}
 

@@ -1459,10 +1459,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward_formula(ctx, grad_out, _grad_lse, _grad_u, _grad_cnt):
-    dq, dk, dv, dbias = _bwd_op(grad_out, *ctx.saved_tensors, *ctx.params)
+def _input_grads(ctx, dq: Tensor, dk: Tensor, dv: Tensor, dbias: Tensor) -> tuple:
+    """The backward's results per forward input (none for the codebook, codes and params)."""
     return (dq, dk, dv, None, None, dbias if ctx.has_bias else None,
             *(None for _ in ctx.params))
+
+
+def _backward_formula(ctx, grad_out, _grad_lse, _grad_u, _grad_cnt):
+    return _input_grads(ctx, *_bwd_op(grad_out, *ctx.saved_tensors, *ctx.params))
 
 
 _fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -1474,19 +1478,15 @@ class _EagerVQAttention(torch.autograd.Function):
     kernel benchmark (host time included) would count at short L."""
 
     @staticmethod
-    def forward(ctx, q, k, v, codebook, codes, bias, *params):
-        out, lse, u, cnt = _fwd_impl(q, k, v, codebook, codes, bias, *params)
-        ctx.save_for_backward(q, k, v, codebook, codes, bias, out, lse, u, cnt)
-        ctx.params = params
-        ctx.has_bias = bias is not None
-        return out
+    def forward(ctx, *inputs):
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        dq, dk, dv, dbias = _bwd_impl(grad_out, *ctx.saved_tensors, *ctx.params)
-        return (dq, dk, dv, None, None, dbias if ctx.has_bias else None,
-                *(None for _ in ctx.params))
+        return _input_grads(ctx, *_bwd_impl(grad_out, *ctx.saved_tensors, *ctx.params))
 
 
 # FLOP estimates for torch.compile's partitioner (models/fft_conv.py says why): per query the

@@ -9,12 +9,8 @@
 # tensors, and the allocator's blocks alive at the step's peak, by source line).
 # Session 12 added the memory-lean rows (activation_memory_budget=0.5: LongVQ and SDPA) to the
 # as-is run: what the recomputation costs in time (call33 has the lean LongVQ's --memory).
-export LONGVQ_GIT_COMMIT=$(cat .gpu-runs/commit)
-export PYTHONPATH=$PWD
-export TRITON_CACHE_AUTOTUNING=1
+source .gpu-runs/common.sh
 export LONGVQ_TRITON_AUTOTUNE=0
-W=$OUT/w; mkdir -p $W
-t() { local s=$(date +%s); "$@"; echo "$(( $(date +%s)-s )) s: $*" >> $W/times.txt; }
 M="--device cuda --preset paper-text4k --compile --cuda-graph"
 T0=$(date +%s)
 t timeout -k 5 170 python run_bench.py efficiency $M --models 'longvq[key_grad=window],transformer_sdpa,longvq[key_grad=window;activation_memory_budget=0.5],transformer_sdpa[activation_memory_budget=0.5]' --store $W/eff.db --out $W/text4k-as-is > $W/text4k-as-is.log 2>&1
