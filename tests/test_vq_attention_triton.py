@@ -154,11 +154,20 @@ def _stable_case(fn, causal) -> dict[str, float]:
                            attn_fn="softmax", causal=causal, window=8)
 
 
-# (mode, segments): the code cache alone, each pass over the keys split into segments (causal:
-# each starts from the totals of the ones before; "far" and "all": the totals over all keys, in
-# pieces); L = 45, CH = 16: 3 entries
-CACHE_CASES = [("past", 1), ("past", 2), ("past", 3), ("far", 2), ("far", 3), ("all", 1),
-               ("all", 5)]
+# (mode, segments, chunk): the code cache alone, each pass over the keys split into segments
+# (causal: each starts from the totals of the ones before; "far" and "all": the totals over all
+# keys, in pieces); W = 8. L = 45, CH = 16: 3 entries of one 16-key tile (the interpreter's
+# BLOCK_N); L = 100, CH = 40: 3 entries of three tiles, the last one partial, none aligned to
+# the chunk start c CH - W (the causal walk is one loop over entries and their tiles)
+CACHE_CASES = [("past", 1, 16), ("past", 2, 16), ("past", 3, 16), ("far", 2, 16),
+               ("far", 3, 16), ("all", 1, 16), ("all", 5, 16), ("past", 1, 40),
+               ("past", 2, 40), ("far", 2, 40)]
+CACHE_LENGTH = {16: 45, 40: 100}
+
+
+def _cache_id(case) -> str:
+    mode, segments, chunk = case
+    return f"cache-{mode}-{segments}" + ("" if chunk == 16 else f"-ch{chunk}")
 
 
 def _cache_case(_fn, case) -> dict[str, float]:
@@ -167,8 +176,8 @@ def _cache_case(_fn, case) -> dict[str, float]:
     totals: where no key of a code lies outside the band its sum must be exactly 0 ("absent")."""
     from models.vq_attention.triton import _code_cache, _Spec
 
-    mode, segments = case
-    length, chunk, window, size, value_dim = 45, 16, 8, 19, 40
+    mode, segments, chunk = case
+    length, window, size, value_dim = CACHE_LENGTH[chunk], 8, 19, 40
     gen = torch.Generator().manual_seed(7)
     v = torch.randn(2, length, value_dim, generator=gen)
     codes = torch.randint(0, size, (2, length), generator=gen, dtype=torch.int32)
@@ -345,7 +354,7 @@ def _interpreter_main() -> None:
 
     jobs = {**{_case_id(c): (_interpreter_case, c) for c in INTERPRETER_CASES},
             **{f"stable-{c}": (_stable_case, c) for c in STABLE_CASES},
-            **{f"cache-{c[0]}-{c[1]}": (_cache_case, c) for c in CACHE_CASES},
+            **{_cache_id(c): (_cache_case, c) for c in CACHE_CASES},
             **{f"scan-{c}": (_scan_case, c) for c in SCAN_CASES},
             **{f"compiled-{_case_id(c)}": (_compiled_case, c) for c in COMPILED_CASES},
             **{f"opcheck-{_case_id(c)}": (_opcheck_case, c) for c in OPCHECK_CASES},
@@ -370,9 +379,9 @@ def test_interpreter_matches_naive(interpreter_results, case):
 
 
 @requires_triton
-@pytest.mark.parametrize("case", CACHE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CACHE_CASES, ids=_cache_id)
 def test_interpreter_code_cache_segments(interpreter_results, case):
-    check_interpreter_result(interpreter_results, f"cache-{case[0]}-{case[1]}", 1e-6)
+    check_interpreter_result(interpreter_results, _cache_id(case), 1e-6)
 
 
 @requires_triton
@@ -579,6 +588,38 @@ def test_autotuned_matches_naive(monkeypatch):
         compare(vq_attention_triton, leaves, codebook, codes, grad_out, torch.bfloat16,
                 TOL[torch.bfloat16], {"key_grad_strategy": strategy}, attn_fn="softmax",
                 causal=True, window=64)
+
+
+def _every_config() -> list:
+    """(kernel, config index) for every autotune config of every kernel: the autotuner keeps
+    whichever is fastest, so each must be right on its own (tile sizes, warps and stages)."""
+    if not HAVE_TRITON:
+        return []
+    from models.vq_attention.triton import CONFIGS
+
+    return [pytest.param(name, i, id=f"{name}-{i}") for name, configs in CONFIGS.items()
+            for i in range(len(configs))]
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kernel", "index"), _every_config())
+def test_cuda_every_config_matches_naive(monkeypatch, kernel, index):
+    """Kernel ``kernel`` run with its config ``index`` alone (the others with their default),
+    bf16 (pipelined: the fp32 default path drops to one stage), S = 256, W = 64, CH = 128, causal
+    and bidirectional, key_grad="ste" split (so the far-row dk kernel runs), B H = 4 (the sums
+    run in segments)."""
+    from models.vq_attention import triton as vq_triton
+
+    monkeypatch.setenv("LONGVQ_TRITON_AUTOTUNE", "0")
+    monkeypatch.setitem(vq_triton.CONFIGS, kernel, [vq_triton.CONFIGS[kernel][index]])
+    leaves, codebook, codes, grad_out = make_case(2, 2, 600, 64, 64, 256, 64, "softmax", True,
+                                                  seed=5, device="cuda")
+    for causal in (True, False):
+        compare(vq_triton.vq_attention_triton, leaves, codebook, codes, grad_out,
+                torch.bfloat16, TOL[torch.bfloat16], {"key_grad_strategy": "split"},
+                attn_fn="softmax", causal=causal, window=64)
 
 
 @requires_triton

@@ -264,14 +264,23 @@ def _add_code_sums(acc, cnt, V, CODES, bh, lo, hi, L, offs_s, offs_e, e_ok, DV: 
     """acc += the per-code sums of v over the keys [max(lo, 0), hi) (one-hot dots, exact
     selection in any dtype), cnt += their counts."""
     for j0 in range(tl.maximum(lo, 0), hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        ok = cols < hi
-        code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
-        v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
-                    mask=ok[:, None] & e_ok[None, :], other=0.0)
-        one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N)
-        acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
-        cnt += tl.sum(one_hot.to(tl.float32), axis=1)
+        acc, cnt = _add_code_tile(acc, cnt, V, CODES, bh, j0, hi, L, offs_s, offs_e, e_ok, DV,
+                                  PREC, BLOCK_N)
+    return acc, cnt
+
+
+@triton.jit
+def _add_code_tile(acc, cnt, V, CODES, bh, j0, hi, L, offs_s, offs_e, e_ok, DV: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_add_code_sums`` of the keys [j0, j0 + BLOCK_N) that lie in [0, hi)."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    ok = (cols < hi) & (cols >= 0)
+    code = tl.load(CODES + bh * L + cols, mask=ok, other=-1)
+    v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
+                mask=ok[:, None] & e_ok[None, :], other=0.0)
+    one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N)
+    acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
+    cnt += tl.sum(one_hot.to(tl.float32), axis=1)
     return acc, cnt
 
 
@@ -337,18 +346,23 @@ def _cache_sums_kernel(
         cnt += tl.load(TCNT + row * S + offs_s, mask=s_ok, other=0.0)
     first = g * seg_entries
     count = tl.minimum(n_entries - first, seg_entries)
-    for i in range(0, count):  # entry c, then the keys [c CH - W, (c + 1) CH - W) join (c + 1)
+    # One flat loop over (entry, key tile of the entry's chunk) with the stores masked, not a
+    # loop over entries around a loop over their CH / BLOCK_N tiles: Triton pipelines only
+    # innermost loops, so the nested walk waited on every load of v (~2 us a tile at 32K).
+    tiles = tl.cdiv(CH, BLOCK_N)
+    for t in range(0, count * tiles):  # entry c, then the keys [c CH - W, (c + 1) CH - W) join
+        i = t // tiles
+        k = t - i * tiles
         c = first + i
         start = c * CH - W
         row = bh * n_entries + c
         tl.store(U + (row * S + offs_s[:, None]) * DV + offs_e[None, :],
-                 acc.to(U.dtype.element_ty), mask=u_mask)
-        tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0))
-        hi = tl.minimum(start + CH, L)
-        if i == count - 1:  # the segment's last entry: the next segment starts from T
-            hi = start
-        acc, cnt = _add_code_sums(acc, cnt, V, CODES, bh, start, hi, L, offs_s, offs_e, e_ok,
-                                  DV, PREC, BLOCK_N)
+                 acc.to(U.dtype.element_ty), mask=u_mask & (k == 0))
+        tl.store(CNT + row * S + offs_s, cnt, mask=s_ok & (et == 0) & (k == 0))
+        # the segment's last entry adds no keys: the next segment starts from T
+        hi = tl.where(i == count - 1, start, tl.minimum(start + CH, L))
+        acc, cnt = _add_code_tile(acc, cnt, V, CODES, bh, start + k * BLOCK_N, hi, L, offs_s,
+                                  offs_e, e_ok, DV, PREC, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["L", "S", "CH", "W", "n_chunks", "BH"])
@@ -882,9 +896,13 @@ def _configs(metas: list[dict], warps: list[int], stages: list[int]) -> list[tri
             for meta, w, s in zip(metas, warps, stages, strict=True)]
 
 
+# The causal walk is one pipelined loop (``_cache_sums_kernel``): deeper pipelines (4 stages)
+# and whole code tiles of 128 (V read fewer times) are candidates too.
 SUMS_CONFIGS = _configs([{"BLOCK_N": 64, "BLOCK_S": 64}, {"BLOCK_N": 128, "BLOCK_S": 64},
                          {"BLOCK_N": 64, "BLOCK_S": 32}, {"BLOCK_N": 128, "BLOCK_S": 32},
-                         {"BLOCK_N": 64, "BLOCK_S": 128}], [4, 4, 4, 4, 8], [3, 3, 3, 3, 2])
+                         {"BLOCK_N": 64, "BLOCK_S": 128}, {"BLOCK_N": 64, "BLOCK_S": 64},
+                         {"BLOCK_N": 64, "BLOCK_S": 128}],
+                        [4, 4, 4, 4, 8, 4, 8], [3, 3, 3, 3, 2, 4, 4])
 # The first config of each list is the default (no autotuning); all fit D, Dv <= 128 in
 # registers on an H100. The interpreter uses 16-wide tiles so that tiny tests cross tiles.
 CONFIGS: dict[str, list[triton.Config]] = {
@@ -898,8 +916,14 @@ CONFIGS: dict[str, list[triton.Config]] = {
                      {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_S": 32},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 128},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
-                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_S": 128}], [4, 8, 4, 4, 8, 8, 8],
-                    [2, 2, 2, 3, 2, 3, 2]),
+                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_S": 128},
+                     # the forward's loops are short (S / BLOCK_S code tiles, then 2-3 band
+                     # tiles): all of S = 256 in one code tile, and flash-attention's Hopper
+                     # tiles (128 x 64, 4 warps, 3 stages)
+                     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 256},
+                     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 64},
+                     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64}],
+                    [4, 8, 4, 4, 8, 8, 8, 8, 4, 4], [2, 2, 2, 3, 2, 3, 2, 2, 3, 3]),
     "grad_sums": _configs([{"BLOCK_M": 64, "BLOCK_S": 64}, {"BLOCK_M": 128, "BLOCK_S": 64},
                            {"BLOCK_M": 64, "BLOCK_S": 128}, {"BLOCK_M": 64, "BLOCK_S": 256}],
                           [4, 8, 8, 8], [2, 2, 2, 2]),
