@@ -15,7 +15,8 @@ for variants that remove one part of the work each:
 
 It also records the config the autotuner kept for each kernel and every config's time (run it
 with TRITON_CACHE_AUTOTUNING=0, or the cached choices are reused without timings). One JSON
-line per variant goes to stdout and ``--out``/fwd_ablation.jsonl.
+line per variant goes to stdout and ``--out``/fwd_ablation.jsonl; the registers and spills of
+every compiled kernel to ``--out``/compiled_kernels_LABEL.json.
 Usage: python fwd_ablation.py --out DIR [--label L] [--variants a,b].
 """
 
@@ -139,6 +140,34 @@ def time_variant(name: str, shape: dict, device: torch.device, repeats: int = 20
             "best_configs": best, "config_timings": timings}
 
 
+def compiled_kernels() -> list[dict]:
+    """Registers and spills of every compiled variant of the VQ-attention kernels (ptxas's
+    counts, from Triton's kernel cache): a kernel that spills reads local memory in its loop.
+    Best effort: an attribute this Triton lacks is recorded as an error, not raised."""
+    from models.vq_attention import triton as vq_triton
+
+    rows = []
+    for name, fn in vq_triton._KERNELS.items():
+        try:
+            for caches in fn.device_caches.values():
+                for kernel in caches[0].values():
+                    meta = kernel.metadata
+                    src = getattr(kernel, "src", None)
+                    names = getattr(getattr(src, "fn", None), "arg_names", [])
+                    constants = {  # keyed by (argument index,) in Triton 3.x
+                        names[k[0]] if isinstance(k, tuple) and k[0] < len(names) else str(k): v
+                        for k, v in (getattr(src, "constants", None) or {}).items()}
+                    blocks = {k: v for k, v in constants.items()
+                              if "BLOCK" in k or k in ("CAUSAL", "MODE", "HAS_BIAS")}
+                    rows.append({"kernel": name, "num_warps": meta.num_warps,
+                                 "num_stages": meta.num_stages, "shared": meta.shared,
+                                 "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                                 "constants": blocks})
+        except Exception as error:  # noqa: BLE001 -- a report, never a crash
+            rows.append({"kernel": name, "error": repr(error)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -173,6 +202,9 @@ def main() -> None:
             line = json.dumps(row)
             print(line, flush=True)
             sink.write(line + "\n")
+    with open(os.path.join(args.out, f"compiled_kernels{args.label and '_' + args.label}.json"),
+              "w") as sink:
+        json.dump(compiled_kernels(), sink, indent=1, default=str)
 
 
 if __name__ == "__main__":
