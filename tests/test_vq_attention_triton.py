@@ -184,7 +184,7 @@ def _cache_case(_fn, case) -> dict[str, float]:
     spec = _Spec(batch_heads=2, heads=2, length=length, dim=16, value_dim=value_dim, size=size,
                  window=window, chunk=chunk, attn_fn="softmax", causal=mode == "past",
                  mode=mode, has_bias=True, key_grad="window", strategy="auto",
-                 cb_head_stride=0)
+                 cb_per_head=0)
     u, counts = _code_cache(spec, v, codes, torch.float32, segments=segments)
     one_hot = torch.nn.functional.one_hot(codes.long(), size).double()  # (BH, L, S)
     j = torch.arange(length)

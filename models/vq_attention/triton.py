@@ -147,15 +147,24 @@ def _band_bounds(c, last_row, L, W, CH, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(BIAS, offset, o_lo, o_hi, W, HAS_BIAS: tl.constexpr):
-    """B_ij for a tile of offsets i - j in [o_lo, o_hi]: bias[i - j + W - 1] where |i - j| < W,
-    else 0. Most band tiles hold no pair within W of the diagonal: they skip the gather."""
-    bias = tl.zeros(offset.shape, tl.float32)
+def _add_bias(logit, BIAS, offset, o_lo, o_hi, W, HAS_BIAS: tl.constexpr,
+              IN_BRANCH: tl.constexpr):
+    """logit + B_ij for a tile of offsets i - j in [o_lo, o_hi]: bias[i - j + W - 1] where
+    |i - j| < W. Most band tiles hold no pair within W of the diagonal: IN_BRANCH, they skip
+    the gather. The forward loads it on every tile instead (masked, so no traffic off the
+    diagonal; Triton pipelines it with the key and value tiles): in a branch, Triton carried
+    the forward's logits in two layouts and ran its online softmax twice (2x the exps, 3x the
+    row maxima; compiled for sm_90a, tests/test_triton_codegen.py). dq and dk/dv keep the branch
+    (no running max there, and the branch-free form spills more in dq)."""
     if HAS_BIAS:
-        if (o_lo < W) & (o_hi > -W):
-            in_window = (offset < W) & (offset > -W)
-            bias = tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
-    return bias
+        if IN_BRANCH:
+            if (o_lo < W) & (o_hi > -W):
+                in_window = (offset < W) & (offset > -W)
+                logit += tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
+        else:
+            in_window = (offset < W) & (offset > -W) & (o_lo < W) & (o_hi > -W)
+            logit += tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
+    return logit
 
 
 @triton.jit
@@ -194,7 +203,7 @@ def _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr,
 @triton.jit
 def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, first_row, j0,
                  hi, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BIAS_IN_BRANCH: tl.constexpr):
     """Band keys [j0, j0 + BLOCK_N) (below ``hi``) of the query tile ``rows`` (from
     ``first_row``): their indices, mask, exact vectors, logits s_i q_i . k_j + B_ij and the
     valid (query, key) pairs."""
@@ -204,8 +213,8 @@ def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, fir
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     offset = rows[:, None] - cols[None, :]
     logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
-    logit += _bias_tile(BIAS, offset, first_row - (j0 + BLOCK_N - 1),
-                        first_row + rows.shape[0] - 1 - j0, W, HAS_BIAS)
+    logit = _add_bias(logit, BIAS, offset, first_row - (j0 + BLOCK_N - 1),
+                      first_row + rows.shape[0] - 1 - j0, W, HAS_BIAS, BIAS_IN_BRANCH)
     valid = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         valid = valid & (offset >= 0)
@@ -455,10 +464,10 @@ def _delta_kernel(O, DO, DELTA, n_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
     tl.store(DELTA + rows, acc, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
+@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_per_head", "L_BUCKET"])
 def _fwd_kernel(
     Q, K, V, CB, U, CNT, BIAS, O, LSE,
-    L, H, S, W, CH, n_cache, cb_head_stride, sm_scale, inv_len, L_BUCKET,
+    L, H, S, W, CH, n_cache, cb_per_head, sm_scale, inv_len, L_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
@@ -482,7 +491,7 @@ def _fwd_kernel(
 
     # code part: the chunk's cache entry
     entry, s_end = _code_span(bh, c, n_cache, S, MODE)
-    cb_base = CB + (bh % H) * cb_head_stride
+    cb_base = CB + (bh % H) * cb_per_head * S * D  # D a constexpr: aligned, so pipelined
     for s0 in range(0, s_end, BLOCK_S):
         offs_s, s_ok, cb, logit = _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC,
                                                BLOCK_S)
@@ -508,7 +517,7 @@ def _fwd_kernel(
         for j0 in range(lo, hi, BLOCK_N):
             cols, col_ok, k, logit, valid = _band_logits(
                 q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, tile_start, j0,
-                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N)
+                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N, False)
             v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                         mask=col_ok[:, None] & e_ok[None, :], other=0.0)
             if IS_SOFTMAX:
@@ -534,10 +543,10 @@ def _fwd_kernel(
              acc.to(O.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["L", "H", "S", "CH", "n_cache", "cb_head_stride"])
+@triton.jit(do_not_specialize=["L", "H", "S", "CH", "n_cache", "cb_per_head"])
 def _grad_sums_kernel(
     Q, CB, DO, LSE, CNT, G,
-    L, H, S, CH, n_cache, cb_head_stride, sm_scale, inv_len,
+    L, H, S, CH, n_cache, cb_per_head, sm_scale, inv_len,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -555,7 +564,7 @@ def _grad_sums_kernel(
     offs_e = et * BLOCK_DV + tl.arange(0, BLOCK_DV)
     d_ok = offs_d < D
     e_ok = offs_e < DV
-    cb = tl.load(CB + (bh % H) * cb_head_stride + offs_s[:, None] * D + offs_d[None, :],
+    cb = tl.load(CB + (bh % H) * cb_per_head * S * D + offs_s[:, None] * D + offs_d[None, :],
                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     entry = bh * n_cache + (0 if MODE == 2 else c)
     present = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0) > 0
@@ -581,10 +590,10 @@ def _grad_sums_kernel(
              mask=s_ok[:, None] & e_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_head_stride", "L_BUCKET"])
+@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_per_head", "L_BUCKET"])
 def _bwd_dq_kernel(
     Q, K, V, CB, U, CNT, BIAS, DO, LSE, DELTA, DQ, DBIAS,
-    L, H, S, W, CH, n_cache, cb_head_stride, sm_scale, inv_len, L_BUCKET,
+    L, H, S, W, CH, n_cache, cb_per_head, sm_scale, inv_len, L_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
@@ -612,7 +621,7 @@ def _bwd_dq_kernel(
 
     # code part: dL/dlogit_is = P'_is (dO_i . U_s - delta_i n_s)
     entry, s_end = _code_span(bh, c, n_cache, S, MODE)
-    cb_base = CB + (bh % H) * cb_head_stride
+    cb_base = CB + (bh % H) * cb_per_head * S * D  # D a constexpr: aligned, so pipelined
     for s0 in range(0, s_end, BLOCK_S):
         offs_s, s_ok, cb, logit = _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC,
                                                BLOCK_S)
@@ -639,7 +648,7 @@ def _bwd_dq_kernel(
         for j0 in range(lo, hi, BLOCK_N):
             cols, col_ok, k, logit, valid = _band_logits(
                 q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, tile_start, j0,
-                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N)
+                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N, True)
             if n_e == 1:
                 v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                             mask=col_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
@@ -728,8 +737,8 @@ def _bwd_dkdv_kernel(
         scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
         offset = rows[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j
         logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
-        logit += _bias_tile(BIAS, offset, i0 - (j0 + BLOCK_N - 1), i0 + BLOCK_M - 1 - j0, W,
-                            HAS_BIAS)
+        logit = _add_bias(logit, BIAS, offset, i0 - (j0 + BLOCK_N - 1), i0 + BLOCK_M - 1 - j0, W,
+                          HAS_BIAS, True)
         valid = row_ok[None, :] & col_ok[:, None]
         if CAUSAL:
             valid = valid & (offset >= 0)
@@ -989,9 +998,23 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("LONGVQ_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Without autotuning, kernels with several value tiles (Dv > 128: LongVQ's Dv = 2 d_model) use
+# these configs instead of the first: compiled for sm_90a (results/cpu-triton-sm90/), the first
+# spills 1.7 KB (dk/dv) and 0.3 KB (dq) per thread at D 64, Dv 256; these spill nothing.
+WIDE_VALUE_DEFAULTS = {"dkdv": 4, "dq": 1}
+
+
+def _default_config(name: str, kwargs: dict) -> triton.Config:
+    """The config a launch without autotuning uses: the first, or WIDE_VALUE_DEFAULTS's."""
+    configs = CONFIGS[name]
+    index = WIDE_VALUE_DEFAULTS.get(name, 0) if kwargs.get("DV", 0) > kwargs.get(
+        "BLOCK_DV", 1 << 30) else 0
+    return configs[index] if index < len(configs) else configs[0]
+
+
 def _launch(name: str, grid, *args, **kwargs) -> None:
-    """Run kernel ``name``: autotuned, or with the first config (LONGVQ_TRITON_AUTOTUNE=0) or the
-    interpreter's small tiles. ``grid`` takes the meta-parameters (tile sizes). A config that
+    """Run kernel ``name``: autotuned, or with ``_default_config`` (LONGVQ_TRITON_AUTOTUNE=0) or
+    the interpreter's small tiles. ``grid`` takes the meta-parameters (tile sizes). A config that
     does not fit the device (shared memory, e.g. float32 with D = Dv = 128) falls back to
     ``FALLBACK_META`` (small tiles, no pipelining); the error is raised at compile time, before
     anything ran."""
@@ -1002,7 +1025,7 @@ def _launch(name: str, grid, *args, **kwargs) -> None:
         if autotuning():
             _TUNED[name][grid](*args, **kwargs)
         else:  # float32 tiles are twice as large: no pipelining keeps them in shared memory
-            config = CONFIGS[name][0]
+            config = _default_config(name, kwargs)
             stages = 1 if args[0].dtype == torch.float32 else config.num_stages
             _KERNELS[name][grid(config.kwargs)](*args, **kwargs, **config.kwargs,
                                                 num_warps=config.num_warps, num_stages=stages)
@@ -1039,7 +1062,10 @@ class _Spec:
     has_bias: bool
     key_grad: str
     strategy: str  # "dense" | "codes" (key_grad="ste" far keys)
-    cb_head_stride: int  # S * D (per-head codebooks) or 0 (shared)
+    # 1: per-head codebooks (head h's at h S D), 0: shared. Not the stride S D itself: Triton
+    # knows S D is a multiple of D only when D (a constexpr) multiplies in the kernel, and a
+    # codebook tile whose alignment it cannot prove is loaded without cp.async pipelining
+    cb_per_head: int
 
     @property
     def n_chunks(self) -> int:
@@ -1240,7 +1266,7 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> tuple[Tensor, Tens
         "grad_sums", lambda meta: (n, triton.cdiv(size, meta["BLOCK_S"]),
                                    bh * spec.value_tiles),
         q, cb, grad_out, lse_arg, counts, g, spec.length, spec.heads, size, spec.chunk,
-        spec.n_cache, spec.cb_head_stride, sm_scale, inv_len,
+        spec.n_cache, spec.cb_per_head, sm_scale, inv_len,
         **spec.constants(q.dtype),
     )
     if spec.mode == "all":
@@ -1263,7 +1289,7 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
                              spec.batch_heads * spec.value_tiles),
         q, k, v, cb, u, cnt, bias if bias is not None else u, out,
         lse if lse is not None else out, spec.length, spec.heads, spec.size, spec.window,
-        spec.chunk, spec.n_cache, spec.cb_head_stride, sm_scale, inv_len, spec.length_bucket,
+        spec.chunk, spec.n_cache, spec.cb_per_head, sm_scale, inv_len, spec.length_bucket,
         HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
     )
     return out, lse, u, cnt
@@ -1303,7 +1329,7 @@ def _backward(spec: _Spec, q, k, v, cb, codes, bias, out, lse, grad_out, u, cnt)
         q, k, v, cb, u, cnt, bias if bias is not None else dummy, grad_out,
         lse if softmax else dummy, delta if softmax else dummy, dq, dbias_rows,
         spec.length, spec.heads, spec.size, spec.window, spec.chunk, spec.n_cache,
-        spec.cb_head_stride, sm_scale, inv_len, spec.length_bucket,
+        spec.cb_per_head, sm_scale, inv_len, spec.length_bucket,
         HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
     )
     split = spec.key_grad == "ste" and spec.strategy == "split"
@@ -1400,7 +1426,7 @@ def _op_spec(q: Tensor, v: Tensor, codebook: Tensor, bias: Tensor | None, heads:
         value_dim=v.shape[2], size=codebook.shape[1], window=window, chunk=chunk,
         attn_fn=attn_fn, causal=causal, mode=mode, has_bias=bias is not None,
         key_grad=key_grad, strategy=strategy,
-        cb_head_stride=codebook.shape[1] * codebook.shape[2] if codebook.shape[0] > 1 else 0,
+        cb_per_head=int(codebook.shape[0] > 1),
     )
 
 

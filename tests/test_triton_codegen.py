@@ -1,0 +1,71 @@
+"""Code generation of the VQ-attention Triton kernels for an H100/H200 (sm_90a), checked on CPU.
+
+The kernels are compiled for sm_90a without a GPU (``tests/triton_codegen.py``: Triton's own
+compiler, ``ptxas`` and ``cuobjdump``). These are the facts behind their speed that a machine
+without a GPU can check, each a regression that once cost time on the device:
+- the forward's online softmax runs once per tile (a bias branch made Triton run it twice);
+- every tile load of the forward's loops is pipelined (cp.async), none waited on (a codebook
+  offset Triton could not prove aligned made it a plain load);
+- the causal code cache walks its keys in one loop (nested, only the inner 2-tile loop was
+  pipelined);
+- the configs used without autotuning do not spill at LongVQ's wide values (Dv 256).
+Needs triton (not in CI's CPU install); run time itself is measured on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="needs triton")
+
+# constexprs at the #9 shape (causal, bias, D = Dv = 64) and LongVQ's Text-4K shape
+# (bidirectional cache less the band, bias, D 64, Dv 256 in two value tiles); bf16
+SHAPES = {
+    "causal": dict(D=64, DV=64, BLOCK_D=64, BLOCK_DV=64, IS_SOFTMAX=True, CAUSAL=True, MODE=0,
+                   HAS_BIAS=True, PREC="tf32"),
+    "bidir-wide": dict(D=64, DV=256, BLOCK_D=64, BLOCK_DV=128, IS_SOFTMAX=True, CAUSAL=False,
+                       MODE=1, HAS_BIAS=True, PREC="tf32"),
+}
+ATTENTION_KEYS = ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_SOFTMAX", "CAUSAL", "MODE", "HAS_BIAS",
+                  "PREC")
+
+
+def _compile(name: str, shape: str, config=None, **extra):
+    from models.vq_attention import triton as vq_triton
+    from tests.triton_codegen import compile_sm90
+
+    values = SHAPES[shape]
+    keys = ("DV", "BLOCK_DV", "PREC") if name.endswith("sums") else ATTENTION_KEYS
+    constants = {k: values[k] for k in keys}
+    config = config or vq_triton._default_config(name, constants)
+    constants.update(config.kwargs, **extra)
+    return compile_sm90(vq_triton._KERNELS[name], constants, config.num_warps,
+                        config.num_stages)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_softmax_runs_once_per_tile_and_every_load_is_pipelined(shape):
+    code = _compile("fwd", shape)
+    # two loops (codes, band), each with one row maximum, one row sum, exp(alpha) and exp(p)
+    assert code.ttgir.count("math.exp") == 4, code.ttgir.count("math.exp")
+    assert code.ttgir.count('"tt.reduce"') == 4, code.ttgir.count('"tt.reduce"')
+    assert code.sync_loads_in_loops == [], code.sync_loads_in_loops
+    assert code.spill_bytes == 0
+
+
+def test_causal_code_cache_walk_is_one_pipelined_loop():
+    from tests.triton_codegen import max_loop_depth
+
+    code = _compile("sums", "causal")
+    assert max_loop_depth(code.ttgir) == 1
+    assert code.pipelined_loads >= 2  # codes and values, issued stages ahead
+    assert code.spill_bytes == 0
+
+
+@pytest.mark.parametrize("name", ["dq", "dkdv"])
+def test_default_configs_do_not_spill_at_wide_values(name):
+    extra = {"DK_PAIRS": 0} if name == "dkdv" else {}
+    assert _compile(name, "bidir-wide", **extra).spill_bytes == 0
