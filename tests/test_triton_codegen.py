@@ -69,3 +69,15 @@ def test_causal_code_cache_walk_is_one_pipelined_loop():
 def test_default_configs_do_not_spill_at_wide_values(name):
     extra = {"DK_PAIRS": 0} if name == "dkdv" else {}
     assert _compile(name, "bidir-wide", **extra).spill_bytes == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dkdv_pipelines_its_query_tiles(shape):
+    """q and dO tiles of dk/dv's loop are cp.async copies: its dv dot is not in a branch when
+    every tile of the loop is a band tile (only the fp32 bias and delta vectors, used in
+    branches, are waited on)."""
+    from models.vq_attention import triton as vq_triton
+
+    config = vq_triton.CONFIGS["dkdv"][0]
+    waited = _compile("dkdv", shape, config, DK_PAIRS=0).sync_loads_in_loops
+    assert not [line for line in waited if "ptr<bf16>" in line], waited

@@ -753,9 +753,15 @@ def _bwd_dkdv_kernel(
         in_band = valid & (cols[:, None] >= chunk[None, :] * CH - W)
         if not CAUSAL:
             in_band = in_band & (cols[:, None] < (chunk[None, :] + 1) * CH + W)
-        # "all": no band, every key's dv comes from its code; DK_PAIRS 1: skip the far tiles
+        # "all": no band, every key's dv comes from its code; DK_PAIRS 1: skip the far tiles.
+        # Otherwise every tile of the loop is a band tile: no branch around the dot, so that
+        # Triton pipelines the dO loads (it does not pipeline a load whose dots are in branches)
         if MODE != 2:
-            if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
+            if DK_PAIRS == 1:
+                if (i0 < band_hi) & (i0 + BLOCK_M > band_lo):
+                    dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do,
+                                 input_precision=PREC)
+            else:
                 dv += tl.dot(tl.where(in_band, p, 0.0).to(do.dtype), do, input_precision=PREC)
         need_dk = et == 0
         if DK_PAIRS == 0:
@@ -941,10 +947,12 @@ CONFIGS: dict[str, list[triton.Config]] = {
                                                {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_S": 128},
                                                {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_S": 64})],
                    [4, 4, 8, 4, 8, 4], [2, 2, 2, 3, 2, 3]),
+    # the last: 64 x 64 on 8 warps, the default at Dv > 128 (WIDE_VALUE_DEFAULTS)
     "dkdv": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 32, "BLOCK_N": 64},
                       {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 64, "BLOCK_N": 128},
-                      {"BLOCK_M": 128, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 64}],
-                     [4, 4, 8, 8, 8, 4], [2, 2, 2, 3, 2, 3]),
+                      {"BLOCK_M": 128, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 64},
+                      {"BLOCK_M": 64, "BLOCK_N": 64}],
+                     [4, 4, 8, 8, 8, 4, 8], [2, 2, 2, 3, 2, 3, 2]),
     "dk_far": _configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 64},
                         {"BLOCK_M": 64, "BLOCK_N": 128}], [4, 8, 8], [3, 3, 2]),
 }
@@ -999,7 +1007,7 @@ def autotuning() -> bool:
 # Without autotuning, kernels with several value tiles (Dv > 128: LongVQ's Dv = 2 d_model) use
 # these configs instead of the first: compiled for sm_90a (results/cpu-triton-sm90/), the first
 # spills 1.7 KB (dk/dv) and 0.3 KB (dq) per thread at D 64, Dv 256; these spill nothing.
-WIDE_VALUE_DEFAULTS = {"dkdv": 4, "dq": 1}
+WIDE_VALUE_DEFAULTS = {"dkdv": 6, "dq": 1}
 
 
 def _default_config(name: str, kwargs: dict) -> triton.Config:
