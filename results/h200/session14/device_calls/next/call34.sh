@@ -5,8 +5,10 @@
 source .gpu-runs/common.sh
 export LONGVQ_TRITON_AUTOTUNE=0
 nvidia-smi > $W/nvidia-smi.txt
-# (session 16: the 50 every-config tests run in call38, which measures those kernels)
+# (session 16: of the ~50 every-config tests only the configs new in session 16 run here, before
+# call36's autotuned table may pick them; call39 runs them all)
 python -m pytest --collect-only -q -m gpu tests 2>/dev/null | grep '::' | grep -v every_config > $W/gpu_tests.txt
+python -m pytest --collect-only -q -m gpu tests/test_vq_attention_triton.py -k every_config 2>/dev/null | grep -E '\[(fwd-7|sums-5|sums-6|seg_sums-5|seg_sums-6|far_sums-5|far_sums-6|dkdv-6)\]' >> $W/gpu_tests.txt
 grep 'mamba2' $W/gpu_tests.txt > $W/shard9.txt
 grep -v 'mamba2' $W/gpu_tests.txt > $W/rest.txt
 for i in 0 1 2 3 4 5 6 7 8; do awk -v i=$i 'NR%9==i' $W/rest.txt > $W/shard$i.txt; done
