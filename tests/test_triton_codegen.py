@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="needs triton")
@@ -40,6 +41,8 @@ def _compile(name: str, shape: str, config=None, **extra):
     values = SHAPES[shape]
     keys = ("DV", "BLOCK_DV", "PREC") if name.endswith("sums") else ATTENTION_KEYS
     constants = {k: values[k] for k in keys}
+    if name == "fwd":  # the launcher's value tile (bf16: up to 256 in one)
+        constants["BLOCK_DV"] = vq_triton._forward_value_block(values["DV"], torch.bfloat16)
     config = config or vq_triton._default_config(name, constants)
     constants.update(config.kwargs, **extra)
     return compile_sm90(vq_triton._KERNELS[name], constants, config.num_warps,

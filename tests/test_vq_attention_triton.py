@@ -609,17 +609,19 @@ def test_cuda_every_config_matches_naive(monkeypatch, kernel, index):
     """Kernel ``kernel`` run with its config ``index`` alone (the others with their default),
     bf16 (pipelined: the fp32 default path drops to one stage), S = 256, W = 64, CH = 128, causal
     and bidirectional, key_grad="ste" split (so the far-row dk kernel runs), B H = 4 (the sums
-    run in segments)."""
+    run in segments); Dv = 64, and for the forward also 256."""
     from models.vq_attention import triton as vq_triton
 
     monkeypatch.setenv("LONGVQ_TRITON_AUTOTUNE", "0")
     monkeypatch.setitem(vq_triton.CONFIGS, kernel, [vq_triton.CONFIGS[kernel][index]])
-    leaves, codebook, codes, grad_out = make_case(2, 2, 600, 64, 64, 256, 64, "softmax", True,
-                                                  seed=5, device="cuda")
-    for causal in (True, False):
-        compare(vq_triton.vq_attention_triton, leaves, codebook, codes, grad_out,
-                torch.bfloat16, TOL[torch.bfloat16], {"key_grad_strategy": "split"},
-                attn_fn="softmax", causal=causal, window=64)
+    # the forward also at Dv = 256: one bf16 value tile of 256 (LongVQ's), others two of 128
+    for value_dim in (64, 256) if kernel == "fwd" else (64,):
+        leaves, codebook, codes, grad_out = make_case(2, 2, 600, 64, value_dim, 256, 64,
+                                                      "softmax", True, seed=5, device="cuda")
+        for causal in (True, False):
+            compare(vq_triton.vq_attention_triton, leaves, codebook, codes, grad_out,
+                    torch.bfloat16, TOL[torch.bfloat16], {"key_grad_strategy": "split"},
+                    attn_fn="softmax", causal=causal, window=64)
 
 
 @requires_triton

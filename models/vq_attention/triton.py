@@ -262,7 +262,8 @@ def _dp_tile(dp, V, DO, bh, L, cols, col_ok, rows, row_ok, DV: tl.constexpr,
 
 # ------------------------------------------------------------------------------ kernels
 # Sizes and lengths are not specialised on (do_not_specialize): one compile serves every L.
-# Value dims are tiled by BLOCK_DV (<= 128, ``_value_block``): the sums, the forward and the
+# Value dims are tiled by BLOCK_DV (<= 128, ``_value_block``; the bf16 forward <= 256,
+# ``_forward_value_block``): the sums, the forward and the
 # dk/dv kernels run one program per value tile (program axis "bh * n_e + e"); the dq kernel and
 # the dk part loop over the value tiles for dO . v and dO . U.
 
@@ -1111,6 +1112,20 @@ def _value_block(value_dim: int) -> int:
     return min(16 if interpreting() else 128, _block(value_dim))
 
 
+FORWARD_VALUE_BLOCK = 256  # bf16: the forward's widest value tile
+
+
+def _forward_value_block(value_dim: int, dtype: torch.dtype) -> int:
+    """The forward's value tile: with bf16 inputs, Dv up to 256 in one tile. Each value tile's
+    program recomputes the logits and the softmax, so LongVQ's Dv = 256 in two tiles did that
+    work twice; compiled for sm_90a, the 256-wide forward does not spill (8 warps: 228
+    registers; results/cpu-triton-sm90/). float32 and float16 (fp32 code cache) keep
+    ``_value_block``: their tiles are twice the bytes."""
+    if interpreting() or dtype != torch.bfloat16:
+        return _value_block(value_dim)
+    return min(FORWARD_VALUE_BLOCK, _block(value_dim))
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs: 3xTF32 dots (about fp32 accuracy on tensor cores; "ieee" FMA dots compile
     ~5x slower); bf16/fp16 inputs: their tensor-core dots, TF32 for the fp32 x fp32 ones (the
@@ -1290,13 +1305,14 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
     lse = (torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
            if spec.attn_fn == "softmax" else None)
     sm_scale, inv_len = spec.scales
+    value_block = _forward_value_block(spec.value_dim, q.dtype)
     _launch(
         "fwd", lambda meta: (spec.n_chunks * triton.cdiv(spec.chunk, meta["BLOCK_M"]),
-                             spec.batch_heads * spec.value_tiles),
+                             spec.batch_heads * triton.cdiv(spec.value_dim, value_block)),
         q, k, v, cb, u, cnt, bias if bias is not None else u, out,
         lse if lse is not None else out, spec.length, spec.heads, spec.size, spec.window,
         spec.chunk, spec.n_cache, spec.cb_per_head, sm_scale, inv_len, spec.length_bucket,
-        HAS_BIAS=spec.has_bias, **spec.constants(q.dtype),
+        HAS_BIAS=spec.has_bias, **{**spec.constants(q.dtype), "BLOCK_DV": value_block},
     )
     return out, lse, u, cnt
 

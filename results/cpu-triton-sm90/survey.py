@@ -1,13 +1,15 @@
 """Registers, spills, shared memory, pipelined loads and exp count of every VQ-attention Triton
 kernel compiled for sm_90a on this CPU (tests/triton_codegen.py), for each autotune config, at
 the #9 shape (causal, bias, D = Dv = 64) and LongVQ's Text-4K shape (bidirectional "far" cache,
-bias, D 64, Dv 256: two value tiles of 128). bf16 inputs. Usage (from the repository root):
+bias, D 64, Dv 256: two value tiles of 128; the bf16 forward one of 256). bf16 inputs. Usage (from the repository root):
     PYTHONPATH=. python results/cpu-triton-sm90/survey.py [--default-only] > OUT.md
 """
 
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from models.vq_attention import triton as vq_triton
 from tests.triton_codegen import compile_sm90
@@ -47,6 +49,9 @@ def main() -> None:
                 vq_triton.CONFIGS[name]
             for i, config in enumerate(configs):
                 constants = {k: values[k] for k in KERNEL_CONSTANTS[name]}
+                if name == "fwd":  # the launcher's value tile (bf16: up to 256)
+                    constants["BLOCK_DV"] = vq_triton._forward_value_block(values["DV"],
+                                                                           torch.bfloat16)
                 constants.update(config.kwargs)
                 if name == "dkdv":
                     constants["DK_PAIRS"] = 0
