@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="needs triton")
@@ -30,23 +29,12 @@ SHAPES = {
     "bidir-wide": dict(D=64, DV=256, BLOCK_D=64, BLOCK_DV=128, IS_SOFTMAX=True, CAUSAL=False,
                        MODE=1, HAS_BIAS=True, PREC="tf32"),
 }
-ATTENTION_KEYS = ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_SOFTMAX", "CAUSAL", "MODE", "HAS_BIAS",
-                  "PREC")
 
 
 def _compile(name: str, shape: str, config=None, **extra):
-    from models.vq_attention import triton as vq_triton
-    from tests.triton_codegen import compile_sm90
+    from tests.triton_codegen import compile_kernel
 
-    values = SHAPES[shape]
-    keys = ("DV", "BLOCK_DV", "PREC") if name.endswith("sums") else ATTENTION_KEYS
-    constants = {k: values[k] for k in keys}
-    if name == "fwd":  # the launcher's value tile (bf16: up to 256 in one)
-        constants["BLOCK_DV"] = vq_triton._forward_value_block(values["DV"], torch.bfloat16)
-    config = config or vq_triton._default_config(name, constants)
-    constants.update(config.kwargs, **extra)
-    return compile_sm90(vq_triton._KERNELS[name], constants, config.num_warps,
-                        config.num_stages)
+    return compile_kernel(name, SHAPES[shape], config, **extra)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -127,3 +127,21 @@ def compile_sm90(fn, constants: dict, num_warps: int, num_stages: int) -> Codege
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin],
                           capture_output=True, text=True, check=True).stdout
     return Codegen(registers, spills, kernel.metadata.shared, kernel.asm["ttgir"], sass)
+
+
+def compile_kernel(name: str, values: dict, config=None, **extra) -> Codegen:
+    """VQ-attention kernel ``name`` compiled for sm_90a as its launcher would run it on bf16
+    inputs: the constexprs it takes drawn from ``values`` (a shape's, for every kernel), the
+    forward's value tile as ``_forward_value_block`` sets it, ``config``'s tile sizes (default:
+    the config used without autotuning) and ``extra`` (e.g. DK_PAIRS)."""
+    import torch
+
+    from models.vq_attention import triton as vq_triton
+
+    fn = vq_triton._KERNELS[name]
+    constants = {k: v for k, v in values.items() if k in fn.arg_names}
+    if name == "fwd":
+        constants["BLOCK_DV"] = vq_triton._forward_value_block(values["DV"], torch.bfloat16)
+    config = config or vq_triton._default_config(name, constants)
+    constants.update(config.kwargs, **extra)
+    return compile_sm90(fn, constants, config.num_warps, config.num_stages)

@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from models.vq_attention import triton as vq_triton
-from tests.triton_codegen import compile_sm90
+from tests.triton_codegen import compile_kernel
 
 SHAPES = {
     "#9 (causal)": dict(D=64, DV=64, BLOCK_D=64, BLOCK_DV=64, IS_SOFTMAX=True, CAUSAL=True,
                         MODE=0, HAS_BIAS=True, PREC="tf32"),
     "Text-4K (bidir)": dict(D=64, DV=256, BLOCK_D=64, BLOCK_DV=128, IS_SOFTMAX=True,
                             CAUSAL=False, MODE=1, HAS_BIAS=True, PREC="tf32"),
-}
-KERNEL_CONSTANTS = {  # the constexprs each kernel takes besides its tile sizes
-    "sums": ("DV", "BLOCK_DV", "PREC"), "seg_sums": ("DV", "BLOCK_DV", "PREC"),
-    "far_sums": ("DV", "BLOCK_DV", "PREC"),
-    "fwd": ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_SOFTMAX", "CAUSAL", "MODE", "HAS_BIAS",
-            "PREC"),
-    "grad_sums": ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_SOFTMAX", "CAUSAL", "MODE", "PREC"),
-    "dq": ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_SOFTMAX", "CAUSAL", "MODE", "HAS_BIAS",
-           "PREC"),
-    "dkdv": ("D", "DV", "BLOCK_D", "BLOCK_DV", "IS_SOFTMAX", "CAUSAL", "MODE", "HAS_BIAS",
-             "PREC"),
 }
 USED = {"#9 (causal)": ("sums", "fwd", "grad_sums", "dq", "dkdv"),
         "Text-4K (bidir)": ("seg_sums", "far_sums", "fwd", "grad_sums", "dq", "dkdv")}
@@ -48,17 +35,10 @@ def main() -> None:
             configs = vq_triton.CONFIGS[name][:1] if args.default_only else \
                 vq_triton.CONFIGS[name]
             for i, config in enumerate(configs):
-                constants = {k: values[k] for k in KERNEL_CONSTANTS[name]}
-                if name == "fwd":  # the launcher's value tile (bf16: up to 256)
-                    constants["BLOCK_DV"] = vq_triton._forward_value_block(values["DV"],
-                                                                           torch.bfloat16)
-                constants.update(config.kwargs)
-                if name == "dkdv":
-                    constants["DK_PAIRS"] = 0
+                extra = {"DK_PAIRS": 0} if name == "dkdv" else {}
                 meta = " ".join(f"{k[6:]}={v}" for k, v in config.kwargs.items())
                 try:
-                    code = compile_sm90(vq_triton._KERNELS[name], constants, config.num_warps,
-                                        config.num_stages)
+                    code = compile_kernel(name, values, config, **extra)
                 except Exception as error:  # noqa: BLE001 -- one row per config, whatever
                     print(f"| {shape} | {name} | {i}: {meta} | {config.num_warps} | "
                           f"{config.num_stages} | error: {type(error).__name__} |||||")
