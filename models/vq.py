@@ -252,8 +252,14 @@ class VectorQuantizer(nn.Module):
         k_hat = k + (c.to(k.dtype) - k).detach()
 
         err = (k.float() - c).pow(2).sum(-1)  # (B, H, L); sg(k_hat) == c
-        denom = (weights.sum() * heads).clamp_min(1.0)
-        commit_loss = self.commitment * (err * valid[:, None, :]).sum() / denom
+        if mask is None:
+            # a Python count, not the sum of a tensor of ones: inductor folds such a sum into a
+            # reduction of a constant that Triton 3.6 cannot compile for sm_90 ("PassManager::run
+            # failed"; results/cpu-triton-sm90/inductor/)
+            commit_loss = self.commitment * err.sum() / max(bsz * length * heads, 1)
+        else:
+            denom = (weights.sum() * heads).clamp_min(1.0)
+            commit_loss = self.commitment * (err * valid[:, None, :]).sum() / denom
 
         flat_codes = codes.transpose(0, 1).reshape(heads, -1)
         counts = torch.zeros(heads, self.codebook_size, device=k.device).scatter_add(
