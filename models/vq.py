@@ -255,7 +255,7 @@ class VectorQuantizer(nn.Module):
         if mask is None:
             # a Python count, not the sum of a tensor of ones: inductor folds such a sum into a
             # reduction of a constant that Triton 3.6 cannot compile for sm_90 ("PassManager::run
-            # failed"; results/cpu-triton-sm90/inductor/)
+            # failed"; tests/inductor_sm90.py)
             commit_loss = self.commitment * err.sum() / max(bsz * length * heads, 1)
         else:
             denom = (weights.sum() * heads).clamp_min(1.0)

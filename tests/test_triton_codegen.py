@@ -72,3 +72,22 @@ def test_dkdv_pipelines_its_query_tiles(shape):
     config = vq_triton.CONFIGS["dkdv"][0]
     waited = _compile("dkdv", shape, config, DK_PAIRS=0).sync_loads_in_loops
     assert not [line for line in waited if "ptr<bf16>" in line], waited
+
+
+def test_inductor_kernels_of_the_compiled_longvq_step_compile_for_sm90():
+    """Every Triton kernel inductor writes for LongVQ's compiled training step (forward and
+    backward) compiles for sm_90a, with one-row and 16-wide blocks. Session 16's H100 run of
+    ``--compile`` failed on one: the quantiser's commitment loss divided by the sum of a tensor
+    of ones, a constant reduction Triton 3.6 cannot lower for a one-row block."""
+    from tests.inductor_sm90 import BLOCK_VARIANTS, compile_for_sm90
+    from tests.triton_interpreter import interpreter_results
+
+    sources = interpreter_results("tests.inductor_sm90", timeout=900)
+    assert any(name.startswith("triton_per_") for name in sources), sorted(sources)
+    failures = {}
+    for name, source in sources.items():
+        for variant, block in BLOCK_VARIANTS.items():
+            error = compile_for_sm90(name, source, block)
+            if error is not None:
+                failures[f"{name} ({variant})"] = error
+    assert not failures, failures
