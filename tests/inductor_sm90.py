@@ -4,26 +4,20 @@ a machine without a GPU.
 On CUDA, ``--compile`` has inductor write Triton kernels that Triton then compiles for the GPU; a
 kernel Triton cannot compile fails the whole step. Session 16's H100 run failed so: a reduction
 of a constant (the sum of a tensor of ones, folded by inductor) made Triton 3.6's
-TritonGPURemoveLayoutConversions pass fail ("PassManager::run failed") for a one-row block.
-Inductor writes the same kernel bodies for ``cpu_backend="triton"``: here each is recorded while
-Triton's interpreter runs it (so the step goes on to its later graphs and its backward), and the
-test compiles the recorded sources for sm_90a (``compile_for_sm90``).
-
-``TRITON_INTERPRET=1 python -m tests.inductor_sm90 [MODEL]`` prints one line: the sources.
+TritonGPURemoveLayoutConversions pass fail ("PassManager::run failed") for a one-row block of
+1,024 columns. Inductor writes the same kernel bodies for ``cpu_backend="triton"``: here each is
+recorded (``record_kernels``, not run) and compiled for sm_90a (``compile_for_sm90``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import sys
+import re
 import tempfile
 import types
 from contextlib import ExitStack
 from unittest import mock
-
-from tests.triton_interpreter import MARKER, patch_interpreter
 
 # the block sizes each kernel is compiled with: one-row blocks (what inductor picks on CUDA for
 # a reduction to a scalar, and where session 16's kernel failed) and 16-wide ones
@@ -31,31 +25,27 @@ BLOCK_VARIANTS = {"blocks-1": 1, "blocks-16": 16}
 DEFAULT_MODEL = "longvq[key_grad=window]"  # the model of the GPU test that failed
 
 
-def interpreter_libdevice():
-    """libdevice as Triton's interpreter can run it: tl.math, plus the few functions inductor
-    calls that tl.math lacks (the interpreter patches tl.math only)."""
-    import triton.language as tl
+class _ZerosKernel:
+    """A recorded kernel's stand-in: a launch fills its outputs with zeros instead of running
+    (only the code is wanted; zeros keep the step's indices valid, so its later graphs and its
+    backward are still generated)."""
 
-    extra = {
-        "isnan": lambda x: x != x,
-        "isinf": lambda x: (x == float("inf")) | (x == float("-inf")),
-        "tanh": lambda x: 2 * tl.sigmoid(2 * x) - 1,
-        "pow": lambda a, b: tl.exp2(b * tl.log2(a)),
-        "log1p": lambda x: tl.log(1 + x),
-        "expm1": lambda x: tl.exp(x) - 1,
-        "signbit": lambda x: x < 0,
-    }
+    def __init__(self, name: str, source: str) -> None:
+        header = re.search(rf"def {name}\((.*?)\)", source).group(1)
+        names = [arg.split(":")[0].strip() for arg in header.split(",")]
+        self.outputs = [i for i, arg in enumerate(names)
+                        if arg.startswith(("out_ptr", "in_out_ptr"))]
 
-    class Libdevice:
-        def __getattr__(self, name: str):
-            return extra[name] if name in extra else getattr(tl.math, name)
-
-    return Libdevice()
+    def run(self, *args, **kwargs) -> None:
+        for index in self.outputs:
+            args[index].zero_()
 
 
-def record_kernels(model: str, seq_len: int = 64, steps: int = 1) -> dict[str, str]:
-    """Inductor's Triton source of every kernel of ``steps`` compiled training steps of
-    ``model`` (d_model 32, one layer, batch 2, fp32) on CPU, keyed by kernel name."""
+def record_kernels(model: str = DEFAULT_MODEL, seq_len: int = 512) -> dict[str, str]:
+    """Inductor's Triton source of every kernel of one compiled training step (forward and
+    backward) of ``model`` (d_model 32, one layer, batch 2, fp32) on CPU, keyed by kernel name.
+    The kernels are not run (their outputs are zeros). 2 x 512 tokens: session 16's kernel
+    failed at a 1,024-wide block (it compiles at 64)."""
     import torch
     import torch._inductor.async_compile as async_compile
     import torch._inductor.config as inductor_config
@@ -63,20 +53,11 @@ def record_kernels(model: str, seq_len: int = 64, steps: int = 1) -> dict[str, s
     from harness.measure import EfficiencyCell, build_step
     from harness.registry import parse_model_spec
 
-    patch_interpreter()
     sources: dict[str, str] = {}
-    compile_triton = async_compile.AsyncCompile.triton
 
     def recording_triton(self, kernel_name, source_code, device_str="cuda"):
         sources[kernel_name] = source_code
-        runnable = source_code.replace("triton_helpers.set_driver_to_cpu()", "").replace(
-            "libdevice.", "_interpreter_libdevice.")
-        runnable = runnable.replace(
-            "import libdevice, math as tl_math",
-            "import libdevice, math as tl_math\n"
-            "from tests.inductor_sm90 import interpreter_libdevice\n"
-            "_interpreter_libdevice = interpreter_libdevice()")
-        return compile_triton(self, kernel_name, runnable, device_str)
+        return _ZerosKernel(kernel_name, source_code)
 
     spec = parse_model_spec(model)
     config = spec.entry.make_config(d_model=32, n_layers=1, n_heads=2, d_ffn=64,
@@ -88,12 +69,14 @@ def record_kernels(model: str, seq_len: int = 64, steps: int = 1) -> dict[str, s
                                        lambda: "sm90-on-cpu"))
         stack.enter_context(mock.patch.object(async_compile.AsyncCompile, "triton",
                                               recording_triton))
-        stack.enter_context(inductor_config.patch(cpu_backend="triton", compile_threads=1,
-                                                  fx_graph_cache=False))
+        stack.enter_context(inductor_config.patch({"cpu_backend": "triton",
+                                                   "compile_threads": 1,
+                                                   "fx_graph_cache": False}))
         torch._dynamo.reset()
-        step = build_step(spec.entry, config, cell, torch.device("cpu")).step
-        for _ in range(steps):
-            step()
+        try:
+            build_step(spec.entry, config, cell, torch.device("cpu")).step()
+        finally:
+            torch._dynamo.reset()
     return sources
 
 
@@ -150,6 +133,3 @@ def compile_for_sm90(name: str, source: str, block: int, num_warps: int = 4) -> 
     finally:
         os.unlink(handle.name)
 
-
-if __name__ == "__main__":
-    print(MARKER + json.dumps(record_kernels(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL)))
