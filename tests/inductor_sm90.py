@@ -60,7 +60,8 @@ def record_kernels(model: str = DEFAULT_MODEL, seq_len: int = 512) -> dict[str, 
         return _ZerosKernel(kernel_name, source_code)
 
     spec = parse_model_spec(model)
-    config = spec.entry.make_config(d_model=32, n_layers=1, n_heads=2, d_ffn=64,
+    head = {} if spec.entry.bidirectional else {"head": "lm"}  # causal-only entries
+    config = spec.entry.make_config(d_model=32, n_layers=1, n_heads=2, d_ffn=64, **head,
                                     **dict(spec.overrides))
     cell = EfficiencyCell(spec.label, seq_len, 2, "cpu", "fp32", seed=3, compile=True)
     with ExitStack() as stack:
