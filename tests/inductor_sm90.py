@@ -134,3 +134,10 @@ def compile_for_sm90(name: str, source: str, block: int, num_warps: int = 4) -> 
     finally:
         os.unlink(handle.name)
 
+
+def compile_all(sources: dict[str, str]) -> dict[str, dict[str, str | None]]:
+    """``compile_for_sm90`` of every recorded kernel at every block variant: kernel name ->
+    variant -> None (compiled) or the error's first line."""
+    return {name: {variant: compile_for_sm90(name, source, block)
+                   for variant, block in BLOCK_VARIANTS.items()}
+            for name, source in sources.items()}

@@ -79,14 +79,11 @@ def test_inductor_kernels_of_the_compiled_longvq_step_compile_for_sm90():
     backward) compiles for sm_90a, with one-row and 16-wide blocks. Session 16's H100 run of
     ``--compile`` failed on one: the quantiser's commitment loss divided by the sum of a tensor
     of ones, a constant reduction Triton 3.6 cannot lower for a one-row block."""
-    from tests.inductor_sm90 import BLOCK_VARIANTS, compile_for_sm90, record_kernels
+    from tests.inductor_sm90 import compile_all, record_kernels
 
     sources = record_kernels()
     assert any(name.startswith("triton_per_") for name in sources), sorted(sources)
-    failures = {}
-    for name, source in sources.items():
-        for variant, block in BLOCK_VARIANTS.items():
-            error = compile_for_sm90(name, source, block)
-            if error is not None:
-                failures[f"{name} ({variant})"] = error
+    failures = {f"{name} ({variant})": error
+                for name, variants in compile_all(sources).items()
+                for variant, error in variants.items() if error is not None}
     assert not failures, failures

@@ -13,7 +13,7 @@ import sys
 import torch
 import triton
 
-from tests.inductor_sm90 import BLOCK_VARIANTS, DEFAULT_MODEL, compile_for_sm90, record_kernels
+from tests.inductor_sm90 import BLOCK_VARIANTS, DEFAULT_MODEL, compile_all, record_kernels
 
 
 def main() -> None:
@@ -25,13 +25,10 @@ def main() -> None:
     print("| kernel | " + " | ".join(BLOCK_VARIANTS) + " |")
     print("|---|" + "---|" * len(BLOCK_VARIANTS))
     failed = {}
-    for name, source in sorted(sources.items()):
-        cells = []
-        for variant, block in BLOCK_VARIANTS.items():
-            error = compile_for_sm90(name, source, block)
-            cells.append("ok" if error is None else f"**{error}**")
-            if error is not None:
-                failed[name] = source
+    for name, variants in sorted(compile_all(sources).items()):
+        cells = ["ok" if error is None else f"**{error}**" for error in variants.values()]
+        if any(error is not None for error in variants.values()):
+            failed[name] = sources[name]
         print(f"| `{name}` | " + " | ".join(cells) + " |")
     print(f"\n{len(sources)} kernels, {len(failed)} failed.")
     for name, source in failed.items():
