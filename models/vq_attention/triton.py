@@ -102,6 +102,9 @@ _MU = tl.constexpr(LAPLACE_MU)
 _INV_SIGMA_SQRT2 = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0)))
 _INV_SIGMA = tl.constexpr(1.0 / LAPLACE_SIGMA)
 _PDF_NORM = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0 * math.pi)))
+LOG2E = 1.0 / math.log(2.0)
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
 
 
 def default_chunk(window: int) -> int:
@@ -289,8 +292,12 @@ def _add_code_tile(acc, cnt, V, CODES, bh, j0, hi, L, offs_s, offs_e, e_ok, DV: 
     v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                 mask=ok[:, None] & e_ok[None, :], other=0.0)
     one_hot = offs_s[:, None] == code[None, :]  # (BLOCK_S, BLOCK_N)
-    acc += tl.dot(one_hot.to(v.dtype), v, input_precision=PREC)
-    cnt += tl.sum(one_hot.to(tl.float32), axis=1)
+    one_hot = one_hot.to(v.dtype)
+    acc += tl.dot(one_hot, v, input_precision=PREC)
+    # the counts on the tensor cores too: one_hot . ones, every column the same exact integers
+    # (a row sum of the one-hot tile took ~300 warp shuffles a tile on sm_90a)
+    counts = tl.dot(one_hot, tl.full([BLOCK_N, 16], 1.0, v.dtype), input_precision=PREC)
+    cnt += tl.max(counts, axis=1)
     return acc, cnt
 
 
@@ -486,6 +493,8 @@ def _fwd_kernel(
     q = tl.load(Q + (bh * L + rows[:, None]) * D + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     scale = _row_scale(rows, sm_scale, inv_len, IS_SOFTMAX, CAUSAL)
+    if IS_SOFTMAX:  # logits in log2 units (the launcher scales the bias so too): exp2 below,
+        scale = scale * _LOG2E  # one multiply a logit fewer than exp's x log2(e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -503,8 +512,8 @@ def _fwd_kernel(
             logit = tl.where(cnt[None, :] > 0, logit, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logit, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(logit - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(logit - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p * cnt[None, :], axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(u.dtype), u, input_precision=PREC)
             m_i = m_new
@@ -525,8 +534,8 @@ def _fwd_kernel(
                 logit = tl.where(valid, logit, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(logit, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(logit - m_safe[:, None])
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(logit - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
                 m_i = m_new
@@ -539,7 +548,8 @@ def _fwd_kernel(
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         acc = acc / l_safe[:, None]
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        tl.store(LSE + bh * L + rows, m_safe + tl.log(l_safe), mask=row_ok & (et == 0))
+        tl.store(LSE + bh * L + rows, (m_safe + tl.log2(l_safe)) * _LN2,
+                 mask=row_ok & (et == 0))
     tl.store(O + (bh * L + rows[:, None]) * DV + offs_e[None, :],
              acc.to(O.dtype.element_ty), mask=out_mask)
 
@@ -1306,6 +1316,8 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
            if spec.attn_fn == "softmax" else None)
     sm_scale, inv_len = spec.scales
     value_block = _forward_value_block(spec.value_dim, q.dtype)
+    if bias is not None and spec.attn_fn == "softmax":  # the kernel's logits are in log2 units
+        bias = bias * LOG2E
     _launch(
         "fwd", lambda meta: (spec.n_chunks * triton.cdiv(spec.chunk, meta["BLOCK_M"]),
                              spec.batch_heads * triton.cdiv(spec.value_dim, value_block)),
