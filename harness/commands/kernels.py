@@ -148,7 +148,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"Device `{prov['device']}`, torch {prov['torch']}, dtype {extra['dtype']}, "
             f"commit {prov['git_commit']}, {prov['timestamp']}. Shape: {shape}. "
             f"Median of up to {args.repeats} runs after {max(1, args.warmup)} warm-up runs "
-            "(a first run over 1 s: 2 timed runs). VQ implementations are checked against the "
+            "(a first run over 1 s: 2 timed runs); on CUDA the timed runs go back to back, "
+            "each between CUDA events (device time, without the host's per-call preamble). "
+            "VQ implementations are checked against the "
             f"naive oracle at L={check_length(shape)} first (outputs, and gradients when "
             "fwd+bwd is timed); a failing one is `wrong` and not timed.",
             "",

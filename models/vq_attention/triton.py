@@ -105,6 +105,9 @@ _PDF_NORM = tl.constexpr(1.0 / (LAPLACE_SIGMA * math.sqrt(2.0 * math.pi)))
 LOG2E = 1.0 / math.log(2.0)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
+# fp32 elements of one 16-byte load: the forward's bias tiles start at multiples of it
+BIAS_VECTOR = 4
+_BIAS_VECTOR = tl.constexpr(BIAS_VECTOR)
 
 
 def default_chunk(window: int) -> int:
@@ -150,24 +153,45 @@ def _band_bounds(c, last_row, L, W, CH, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _add_bias(logit, BIAS, offset, o_lo, o_hi, W, HAS_BIAS: tl.constexpr,
-              IN_BRANCH: tl.constexpr):
+def _add_bias(logit, BIAS, offset, o_lo, o_hi, W, HAS_BIAS: tl.constexpr):
     """logit + B_ij for a tile of offsets i - j in [o_lo, o_hi]: bias[i - j + W - 1] where
-    |i - j| < W. Most band tiles hold no pair within W of the diagonal: IN_BRANCH, they skip
-    the gather. The forward loads it on every tile instead (masked, so no traffic off the
-    diagonal; Triton pipelines it with the key and value tiles): in a branch, Triton carried
-    the forward's logits in two layouts and ran its online softmax twice (2x the exps, 3x the
-    row maxima; compiled for sm_90a, tests/test_triton_codegen.py). dq and dk/dv keep the branch
-    (no running max there, and the branch-free form spills more in dq)."""
+    |i - j| < W, gathered in a branch that most band tiles skip (they hold no pair within W of
+    the diagonal). dq and dk/dv: no running max there, and a branch-free gather spills more in
+    dq. The forward reads ``_bias_tile`` instead."""
     if HAS_BIAS:
-        if IN_BRANCH:
-            if (o_lo < W) & (o_hi > -W):
-                in_window = (offset < W) & (offset > -W)
-                logit += tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
-        else:
-            in_window = (offset < W) & (offset > -W) & (o_lo < W) & (o_hi > -W)
+        if (o_lo < W) & (o_hi > -W):
+            in_window = (offset < W) & (offset > -W)
             logit += tl.load(BIAS + offset + W - 1, mask=in_window, other=0.0)
     return logit
+
+
+@triton.jit
+def _bias_tile(TABLE, stride, y0, c, first_row, j0, W, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The forward's bias tile B_ij, rows i in [first_row, first_row + BLOCK_M) of chunk c, keys
+    j in [j0, j0 + BLOCK_N): a plain 2-D slice of the Toeplitz table that ``_bias_table`` builds,
+    T[r, y] = B(r - y + y0) (B(o) = bias[o + W - 1] for |o| < W, else 0), rows of ``stride``
+    floats. Element (r, k) has offset d + r - k (d = first_row - j0), the value at T[r, k - d +
+    y0]: contiguous keys, 16-byte loads that Triton pipelines with the key and value tiles, no
+    window mask and no per-element index arithmetic (``_add_bias``'s masked gather cost the
+    forward ~60 registers and many selects and compares a tile on sm_90a). Loaded on every band
+    tile, not in a branch: in a branch Triton carried the forward's logits in two layouts and
+    ran its online softmax twice (2x the exps, 3x the row maxima; tests/test_triton_codegen.py)."""
+    # d is a multiple of 4 (the tile sizes are) but in chunks c > 0, whose keys start at
+    # c CH - W: there d = W (mod 4). That remainder moves to the row (T[r + 1, y + 1] = T[r, y]),
+    # so that the column offset stays a multiple of 4 floats: 16-byte aligned.
+    shift = (W % _BIAS_VECTOR) * (c > 0).to(tl.int32)
+    d = first_row - j0 - shift
+    # a tile beyond the table's columns is all zero (every pair >= W apart), and so is the tile
+    # at the clamp: every index lies in T whatever CH, so no mask
+    d = tl.minimum(tl.maximum(d, y0 + BLOCK_N - stride), y0)
+    col = tl.multiple_of(y0 - d, _BIAS_VECTOR)
+    # a multiple of 16 already; this tells Triton (tl.multiple_of of an argument is lost), so
+    # that every row of the tile starts aligned
+    stride = (stride // 16) * 16
+    r = tl.arange(0, BLOCK_M)
+    base = TABLE + shift * stride + col
+    return tl.load(base + r[:, None] * stride + tl.arange(0, BLOCK_N)[None, :])
 
 
 @triton.jit
@@ -206,7 +230,7 @@ def _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr,
 @triton.jit
 def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, first_row, j0,
                  hi, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BIAS_IN_BRANCH: tl.constexpr):
+                 BLOCK_N: tl.constexpr):
     """Band keys [j0, j0 + BLOCK_N) (below ``hi``) of the query tile ``rows`` (from
     ``first_row``): their indices, mask, exact vectors, logits s_i q_i . k_j + B_ij and the
     valid (query, key) pairs."""
@@ -217,7 +241,7 @@ def _band_logits(q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, fir
     offset = rows[:, None] - cols[None, :]
     logit = tl.dot(q, tl.trans(k), input_precision=PREC) * scale[:, None]
     logit = _add_bias(logit, BIAS, offset, first_row - (j0 + BLOCK_N - 1),
-                      first_row + rows.shape[0] - 1 - j0, W, HAS_BIAS, BIAS_IN_BRANCH)
+                      first_row + rows.shape[0] - 1 - j0, W, HAS_BIAS)
     valid = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         valid = valid & (offset >= 0)
@@ -472,15 +496,19 @@ def _delta_kernel(O, DO, DELTA, n_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
     tl.store(DELTA + rows, acc, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_per_head", "L_BUCKET"])
+@triton.jit(do_not_specialize=["L", "H", "S", "W", "CH", "n_cache", "cb_per_head", "L_BUCKET",
+                               "bias_stride", "bias_y0"])
 def _fwd_kernel(
     Q, K, V, CB, U, CNT, BIAS, O, LSE,
-    L, H, S, W, CH, n_cache, cb_per_head, sm_scale, inv_len, L_BUCKET,
+    L, H, S, W, CH, n_cache, cb_per_head, sm_scale, inv_len, L_BUCKET, bias_stride, bias_y0,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    """Output (and lse) of one query tile and value tile. BIAS: ``_bias_table``'s Toeplitz table
+    of the bias (rows of ``bias_stride`` floats, row 0's offset 0 at column ``bias_y0``), not
+    the bias."""
     pid = tl.program_id(0)
     n_e: tl.constexpr = (DV + BLOCK_DV - 1) // BLOCK_DV
     bh = (tl.program_id(1) // n_e).to(tl.int64)
@@ -527,7 +555,10 @@ def _fwd_kernel(
         for j0 in range(lo, hi, BLOCK_N):
             cols, col_ok, k, logit, valid = _band_logits(
                 q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, tile_start, j0,
-                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N, False)
+                hi, False, CAUSAL, PREC, BLOCK_N)
+            if HAS_BIAS:  # BIAS: the Toeplitz table
+                logit += _bias_tile(BIAS, bias_stride, bias_y0, c, tile_start, j0, W, BLOCK_M,
+                                    BLOCK_N)
             v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                         mask=col_ok[:, None] & e_ok[None, :], other=0.0)
             if IS_SOFTMAX:
@@ -659,7 +690,7 @@ def _bwd_dq_kernel(
         for j0 in range(lo, hi, BLOCK_N):
             cols, col_ok, k, logit, valid = _band_logits(
                 q, scale, K, BIAS, bh, L, D, W, offs_d, d_ok, rows, row_ok, tile_start, j0,
-                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N, True)
+                hi, HAS_BIAS, CAUSAL, PREC, BLOCK_N)
             if n_e == 1:
                 v = tl.load(V + (bh * L + cols[:, None]) * DV + offs_e[None, :],
                             mask=col_ok[:, None] & (offs_e < DV)[None, :], other=0.0)
@@ -749,7 +780,7 @@ def _bwd_dkdv_kernel(
         offset = rows[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j
         logit = tl.dot(k, tl.trans(q), input_precision=PREC) * scale[None, :]
         logit = _add_bias(logit, BIAS, offset, i0 - (j0 + BLOCK_N - 1), i0 + BLOCK_M - 1 - j0, W,
-                          HAS_BIAS, True)
+                          HAS_BIAS)
         valid = row_ok[None, :] & col_ok[:, None]
         if CAUSAL:
             valid = valid & (offset >= 0)
@@ -1053,9 +1084,14 @@ def _launch(name: str, grid, *args, **kwargs) -> None:
         _KERNELS[name][grid(meta)](*args, **kwargs, **meta, num_warps=4, num_stages=1)
 
 
-def _min_block(name: str, key: str) -> int:
+def _block_sizes(name: str, key: str) -> list[int]:
+    """Every ``key`` tile size kernel ``name`` may run with (autotuned, interpreter, fallback)."""
     metas = [c.kwargs for c in CONFIGS[name]] + [INTERPRETER_META[name], FALLBACK_META[name]]
-    return min(m[key] for m in metas)
+    return [m[key] for m in metas]
+
+
+def _min_block(name: str, key: str) -> int:
+    return min(_block_sizes(name, key))
 
 
 # ------------------------------------------------------------------------------ host side
@@ -1309,6 +1345,35 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> tuple[Tensor, Tens
     return _scan_into(out, 0, g), None
 
 
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _bias_table(bias: Tensor, window: int) -> tuple[Tensor, int, int]:
+    """The forward's bias as a zero-padded Toeplitz table T[r, y] = B(r - y + y0) (B(o) =
+    bias[o + W - 1] for |o| < W, else 0; fp32, contiguous, rows of ``stride`` floats), so that
+    every band tile's bias is a plain 2-D slice of it (``_bias_tile``). Returns (T, stride, y0).
+
+    ``_bias_tile`` reads rows shift + r (r < BLOCK_M, shift < BIAS_VECTOR) and columns
+    y0 - d + k (k < BLOCK_N) with d clamped to [y0 + BLOCK_N - stride, y0], for any tile size
+    the forward runs with (up to m, n below). In range: y0 >= W + n - 1 (a tile with d >= y0 has
+    every offset d + shift + r - k >= W), stride - y0 - n >= W + m + BIAS_VECTOR - 2 (every
+    offset <= -W for d <= y0 + n - stride). y0 and stride are multiples of 16: with d a multiple
+    of 4, each tile row starts 16-byte aligned. m + 3 rows of about 2 W + 400 floats (W = 64:
+    131 x 528, 0.28 MB), whatever CH."""
+    m, n = max(_block_sizes("fwd", "BLOCK_M")), max(_block_sizes("fwd", "BLOCK_N"))
+    y0 = _round_up(window + n - 1, 16)
+    stride = _round_up(y0 + n + window + m + BIAS_VECTOR - 2, 16)
+    rows = m + BIAS_VECTOR - 1
+    # B over the table's offsets r - y + y0, from o_min = y0 - (stride - 1) up
+    o_min = y0 - (stride - 1)
+    padded = bias.new_zeros(rows + stride - 1)
+    padded[1 - window - o_min:window - o_min] = bias
+    r = torch.arange(rows, device=bias.device)
+    y = torch.arange(stride, device=bias.device)
+    return padded[r[:, None] - y[None, :] + (y0 - o_min)], stride, y0
+
+
 def _forward(spec: _Spec, q, k, v, cb, codes, bias):
     u, cnt = _code_cache(spec, v, codes, _forward_cache_dtype(q.dtype))
     out = torch.empty(*q.shape[:-1], spec.value_dim, device=q.device, dtype=q.dtype)
@@ -1316,15 +1381,19 @@ def _forward(spec: _Spec, q, k, v, cb, codes, bias):
            if spec.attn_fn == "softmax" else None)
     sm_scale, inv_len = spec.scales
     value_block = _forward_value_block(spec.value_dim, q.dtype)
-    if bias is not None and spec.attn_fn == "softmax":  # the kernel's logits are in log2 units
-        bias = bias * LOG2E
+    table, stride, y0 = u, 0, 0  # not read without a bias
+    if bias is not None:
+        if spec.attn_fn == "softmax":  # the kernel's logits are in log2 units
+            bias = bias * LOG2E
+        table, stride, y0 = _bias_table(bias, spec.window)
     _launch(
         "fwd", lambda meta: (spec.n_chunks * triton.cdiv(spec.chunk, meta["BLOCK_M"]),
                              spec.batch_heads * triton.cdiv(spec.value_dim, value_block)),
-        q, k, v, cb, u, cnt, bias if bias is not None else u, out,
+        q, k, v, cb, u, cnt, table, out,
         lse if lse is not None else out, spec.length, spec.heads, spec.size, spec.window,
         spec.chunk, spec.n_cache, spec.cb_per_head, sm_scale, inv_len, spec.length_bucket,
-        HAS_BIAS=spec.has_bias, **{**spec.constants(q.dtype), "BLOCK_DV": value_block},
+        stride, y0, HAS_BIAS=spec.has_bias,
+        **{**spec.constants(q.dtype), "BLOCK_DV": value_block},
     )
     return out, lse, u, cnt
 
