@@ -140,3 +140,25 @@ def test_cli_quick_defaults(tmp_path):
                  str(out)]) == 0
     assert sorted(pd.read_csv(out / "kernels.csv")["seq_len"]) == [256, 512]
     assert main(["list", "--quick", "--device", "cpu", "--store", str(tmp_path / "x.db")]) == 0
+
+
+@pytest.mark.parametrize(("slow_calls", "warmup", "calls", "op_is_slow"), [
+    (0, 1, 1, False),
+    (1, 1, 2, False),  # compile/autotune: one more warm-up call, then the timed ones
+    (1, 3, 3, False),
+    (2, 1, 2, True),  # the op itself is slow: 2 timed calls
+    (5, 3, 2, True),
+])
+def test_warm_up_never_times_right_after_a_slow_first_call(slow_calls, warmup, calls,
+                                                           op_is_slow):
+    import time
+
+    made = []
+
+    def call():
+        made.append(1)
+        if len(made) <= slow_calls:
+            time.sleep(0.03)
+
+    assert kernels._warm_up(call, warmup, slow_s=0.02, device="cpu") is op_is_slow
+    assert len(made) == calls
