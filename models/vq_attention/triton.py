@@ -320,7 +320,8 @@ def _add_code_tile(acc, cnt, V, CODES, bh, j0, hi, L, offs_s, offs_e, e_ok, DV: 
     acc += tl.dot(one_hot, v, input_precision=PREC)
     # the counts on the tensor cores too: one_hot . ones, every column the same exact integers
     # (a row sum of the one-hot tile took ~300 warp shuffles a tile on sm_90a)
-    counts = tl.dot(one_hot, tl.full([BLOCK_N, 16], 1.0, v.dtype), input_precision=PREC)
+    ones = tl.full([BLOCK_N, 16], 1.0, tl.float32).to(v.dtype)  # the interpreter has no bf16 full
+    counts = tl.dot(one_hot, ones, input_precision=PREC)
     cnt += tl.max(counts, axis=1)
     return acc, cnt
 

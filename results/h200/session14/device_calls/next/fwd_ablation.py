@@ -31,7 +31,8 @@ from collections import defaultdict
 import torch
 
 BASE = dict(batch=8, heads=8, length=32768, dim=64, value_dim=64, size=256, window=64,
-            chunk=None, bias=True, backward=False, causal=True, key_grad="window", sdpa=None)
+            chunk=None, bias=True, backward=False, causal=True, key_grad="window", sdpa=None,
+            sums_per_sm=None)
 VARIANTS = {
     "base": {},
     "no-bias": {"bias": False},
@@ -47,6 +48,11 @@ VARIANTS = {
     "sdpa-256keys": {"sdpa": (1024, 8, 256, False)},
     "sdpa-causal-32k": {"sdpa": (8, 8, 32768, True)},  # the opponent, same queries
     "fwd+bwd": {"backward": True},
+    # session 18: the sums kernels use ~60 registers fewer, so more of their programs fit an SM;
+    # their loop is latency-bound: split the walk into more segments (SUMS_PROGRAMS_PER_SM, 2
+    # by default, gives one segment at B H = 64), autotuned afresh
+    "sums4": {"sums_per_sm": 4},
+    "sums8": {"sums_per_sm": 8},
 }
 
 
@@ -98,10 +104,23 @@ def time_variant(name: str, shape: dict, device: torch.device, repeats: int = 20
     from models.vq_attention import triton as vq_triton
 
     x = inputs(shape, device)
-    grad = (torch.randn(*x["v"].shape, device=device, dtype=torch.bfloat16)
-            if shape["backward"] else None)
     for tuned in vq_triton._TUNED.values():  # so that only this variant's timings are read
         tuned.configs_timings = None
+        if shape["sums_per_sm"]:  # the same tuning keys, other launches: tune afresh
+            tuned.cache.clear()
+    default_per_sm = vq_triton.SUMS_PROGRAMS_PER_SM
+    vq_triton.SUMS_PROGRAMS_PER_SM = shape["sums_per_sm"] or default_per_sm
+    try:
+        return _time_variant(name, shape, device, x, repeats)
+    finally:
+        vq_triton.SUMS_PROGRAMS_PER_SM = default_per_sm
+
+
+def _time_variant(name: str, shape: dict, device: torch.device, x: dict, repeats: int) -> dict:
+    from models.vq_attention import triton as vq_triton
+
+    grad = (torch.randn(*x["v"].shape, device=device, dtype=torch.bfloat16)
+            if shape["backward"] else None)
     t0 = time.time()
     step(x, shape, grad)  # compile + autotune
     sync(device)
