@@ -87,6 +87,7 @@ from ._common import (
     to_autocast_dtype,
 )
 from ._key_grad import KEY_GRAD_STRATEGIES, code_key_grad
+from ._precompile import precompile
 
 CHUNK_TARGET = 128  # positions per query chunk (rounded to whole windows), see default_chunk
 # key_grad="ste", strategy "auto": Triton "split" tiles (O(L^2 D), fast on tensor cores) up to this
@@ -1072,6 +1073,7 @@ def _launch(name: str, grid, *args, **kwargs) -> None:
         return
     try:
         if autotuning():
+            precompile(_TUNED[name], args, kwargs)  # the configs it will time, in parallel
             _TUNED[name][grid](*args, **kwargs)
         else:  # float32 tiles are twice as large: no pipelining keeps them in shared memory
             config = _default_config(name, kwargs)

@@ -1,0 +1,71 @@
+"""models/vq_attention/_precompile.py: the autotuner's key, replicated, and which launches
+compile their configs in parallel. CPU only: the kernels are never launched (a stand-in times
+them) and their compilation is recorded, not run."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+torch = pytest.importorskip("torch")
+
+from models.vq_attention import _precompile  # noqa: E402
+
+
+@triton.jit
+def _copy_kernel(X, Y, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * SCALE, mask=offs < N)
+
+
+def _autotuner(n_configs: int = 3):
+    configs = [triton.Config({"BLOCK": 16 * 2**i}, num_warps=4) for i in range(n_configs)]
+    tuned = triton.autotune(configs, key=["N"])(_copy_kernel)
+    tuned._do_bench = lambda kernel_call, quantiles: [1.0, 1.0, 1.0]  # never launched
+    tuned.fn.run = lambda *args, **kwargs: None
+    return tuned
+
+
+def test_tuning_key_is_the_key_the_autotuner_files_its_tuning_under():
+    tuned = _autotuner()
+    x, y = torch.zeros(40), torch.zeros(40, dtype=torch.float64)
+    args, kwargs = (x, y, 40), {"SCALE": 2}
+    tuned[(1,)](*args, **kwargs)
+    assert list(tuned.cache) == [_precompile.tuning_key(tuned, args, kwargs)]
+    assert _precompile.tuning_key(tuned, args, kwargs) == (40, "torch.float32", "torch.float64")
+    # another N is another tuning, which the autotuner has not done
+    assert _precompile.tuning_key(tuned, (x, y, 41), kwargs) not in tuned.cache
+
+
+def test_precompile_compiles_every_config_once_in_threads_only_when_it_will_tune():
+    tuned = _autotuner(4)
+    compiled, threads = [], set()
+
+    def warmup(*args, grid, **kwargs):
+        compiled.append(kwargs["BLOCK"])
+        threads.add(threading.get_ident())
+        assert kwargs["SCALE"] == 2 and kwargs["num_warps"] == 4
+
+    tuned.fn.warmup = warmup
+    args, kwargs = (torch.zeros(40), torch.zeros(40), 40), {"SCALE": 2}
+    assert _precompile.precompile(tuned, args, kwargs, workers=1) == 0  # nothing to overlap
+    assert _precompile.precompile(tuned, args, kwargs, workers=3) == 4
+    assert sorted(compiled) == [16, 32, 64, 128] and len(threads) >= 2
+    tuned[(1,)](*args, **kwargs)  # tuned now: the next launch compiles nothing
+    compiled.clear()
+    assert _precompile.precompile(tuned, args, kwargs, workers=3) == 0 and compiled == []
+
+
+def test_a_config_that_fails_to_compile_is_left_to_the_autotuner():
+    tuned = _autotuner(3)
+
+    def warmup(*args, grid, **kwargs):
+        if kwargs["BLOCK"] == 32:
+            raise RuntimeError("out of resources")
+
+    tuned.fn.warmup = warmup
+    assert _precompile.precompile(tuned, (torch.zeros(8), torch.zeros(8), 8), {"SCALE": 1},
+                                  workers=2) == 3
