@@ -45,9 +45,11 @@ def precompile(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None
     """Compile every config of autotuner ``tuned`` for this launch (``args``, ``kwargs`` as the
     launch passes them), ``workers`` at a time, when the launch will tune. Returns how many
     configs were compiled here: 0 when the key is cached, there is one config, or one worker."""
-    configs = list(tuned.configs)
+    configs = tuned.configs
+    if len(configs) < 2 or tuning_key(tuned, args, kwargs) in tuned.cache:  # ~8 us a launch
+        return 0
     workers = compile_workers() if workers is None else workers
-    if len(configs) < 2 or workers < 2 or tuning_key(tuned, args, kwargs) in tuned.cache:
+    if workers < 2:
         return 0
 
     device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
