@@ -4,6 +4,7 @@ versions of both presets end to end, --compile / --profile, the report's preset 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import pandas as pd
@@ -463,6 +464,14 @@ def test_quick_scaling_preset_end_to_end_and_report(tmp_path, capsys, one_thread
     assert (out / "scaling_memory_vs_length.png").stat().st_size > 1000
     md = (out / "scaling.md").read_text()
     assert "crossover vs sdpa" in md and "per-sequence time × 128 → 1K" in md
+    # #7's "< 10 minutes": the run states its own wall time, in the log and the table's file
+    assert re.search(r"Wall time of this run: \d+ s \([\d.]+ min\) for 12 measured cells;",
+                     printed), printed[-400:]
+    assert "Wall time of this run:" in md
+    # a rerun measures nothing and says so
+    assert main(["efficiency", "--preset", "scaling", "--quick", "--device", "cpu",
+                 "--models", SUBSET, "--store", str(store)]) == 0
+    assert "for 0 measured cells (12 of 12 already in the store" in capsys.readouterr().out
     # the report shows the preset section next to plain efficiency rows
     assert main(["efficiency", "--models", "transformer_sdpa", "--lengths", "32", "--device",
                  "cpu", "--quick", "--warmup", "1", "--steps", "1", "--store", str(store)]) == 0
