@@ -56,6 +56,29 @@ def test_interrupt_keeps_finished_rows_and_rerun_finishes(tmp_path, monkeypatch)
     assert len(pd.read_csv(tmp_path / "out" / "efficiency.csv")) == 4
 
 
+def test_sigterm_ends_the_run_as_an_interrupt_with_its_tables(tmp_path, monkeypatch, capsys):
+    """`timeout` (call45's sweep cap) stops a run with SIGTERM: the finished rows' tables and the
+    run's wall time are still written, and the exit code is the interrupt's."""
+    import os
+    import signal
+
+    real_run_cell = harness.runner.run_cell
+    calls = {"n": 0}
+
+    def terminate_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run_cell(*args, **kwargs)
+
+    monkeypatch.setattr(harness.runner, "run_cell", terminate_second)
+    assert run_efficiency(tmp_path) == 130
+    printed = capsys.readouterr().out
+    assert "interrupted" in printed and "Wall time of this run" in printed
+    assert list(pd.read_csv(tmp_path / "out" / "efficiency.csv")["status"]) == ["ok"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["efficiency", "--models", "nope"], "'nope'"),
     (["efficiency", "--models", "transformer_sdpa", "--lengths", "12x"], "'12x'"),
