@@ -22,6 +22,7 @@ from harness.cli_args import DEFAULT_STORE, OneLineParser, UsageError
 from harness.commands import COMMANDS
 from harness.cpu_alloc import tune_glibc_malloc
 from harness.registry import RegistryError
+from models.triton_precompile import for_every_autotuner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +81,10 @@ def _main(argv: Sequence[str] | None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         check_out_folder(getattr(args, "out", None))
-        return int(args.func(args, console) or 0)
+        # every autotuned Triton kernel (ours, mamba-ssm's, fla's) compiles its configs in
+        # parallel threads before tuning: cold first calls cost minutes of serial compiles
+        with for_every_autotuner():
+            return int(args.func(args, console) or 0)
     except (UsageError, RegistryError, ValueError, FileNotFoundError) as exc:
         if args.debug:
             raise

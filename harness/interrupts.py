@@ -51,22 +51,3 @@ class DeferredInterrupts:
         finally:
             self.is_live = False
         self.raise_pending()
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: a run cut by ``timeout`` or a job
-    scheduler then ends like an interrupted one (the finished rows' tables are written, the
-    cell in flight is dropped), instead of dying without them. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -57,8 +57,9 @@ def test_interrupt_keeps_finished_rows_and_rerun_finishes(tmp_path, monkeypatch)
 
 
 def test_sigterm_ends_the_run_as_an_interrupt_with_its_tables(tmp_path, monkeypatch, capsys):
-    """`timeout` (call45's sweep cap) stops a run with SIGTERM: the finished rows' tables and the
-    run's wall time are still written, and the exit code is the interrupt's."""
+    """`timeout` stops a run with SIGTERM, which run_bench.py's main turns into an interrupt: the
+    finished rows' tables and the run's wall time are still written (call45's capped sweep lost
+    its tables only because the device call's own limit came seconds later), exit code 130."""
     import os
     import signal
 

@@ -95,7 +95,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace, console: Console) -> int:
 
     from harness.fast_path_check import FastPathChecks
-    from harness.interrupts import sigterm_as_interrupt
     from harness.runner import plan_shapes, results_frame, run_cells
     from harness.store import Store
 
@@ -181,9 +180,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         checks = FastPathChecks(skip=args.skip_check)
         started = time.perf_counter()
         try:
-            with sigterm_as_interrupt():  # `timeout` and job schedulers stop runs with SIGTERM
-                run_cells(planned, store, force=args.force, on_cell=on_cell,
-                          skip_after_failure=settings.skip_after_failure, checks=checks)
+            run_cells(planned, store, force=args.force, on_cell=on_cell,
+                      skip_after_failure=settings.skip_after_failure, checks=checks)
         except KeyboardInterrupt:
             # the finished rows still get their tables and files (a long sweep cut by a time
             # limit keeps its partial results); a rerun measures only what is missing

@@ -76,6 +76,7 @@ from torch.utils.flop_counter import register_flop_formula
 from triton.runtime.errors import OutOfResources
 
 from models._optional import interpreting
+from models.triton_precompile import precompile
 
 from ._common import (
     LAPLACE_MU,
@@ -87,7 +88,6 @@ from ._common import (
     to_autocast_dtype,
 )
 from ._key_grad import KEY_GRAD_STRATEGIES, code_key_grad
-from ._precompile import precompile
 
 CHUNK_TARGET = 128  # positions per query chunk (rounded to whole windows), see default_chunk
 # key_grad="ste", strategy "auto": Triton "split" tiles (O(L^2 D), fast on tensor cores) up to this

@@ -1,6 +1,6 @@
 """Serial against parallel compilation of the VQ forward kernel's autotune configs for sm_90a on
 this CPU, through the path the autotuner's launches take (``JITFunction.warmup``, as
-models/vq_attention/_precompile.py calls it), with a stand-in CUDA driver: there is no GPU here,
+models/triton_precompile.py calls it), with a stand-in CUDA driver: there is no GPU here,
 and compiling needs only the target. The #9 shape (causal, bias, D = Dv = 64, S 256, W 64), bf16.
 
 Usage (from the repository root; TRITON_ALWAYS_COMPILE=1: Triton's disk cache is not read):
@@ -43,7 +43,7 @@ class StandInDriver:
 
 def main(workers: int) -> None:
     driver.set_active(StandInDriver())
-    from models.vq_attention import _precompile
+    from models import triton_precompile as _precompile
     from models.vq_attention import triton as vq
 
     bh, length, dim, size, window, chunk = 8, 1024, 64, 256, 64, 128

@@ -17,7 +17,7 @@ cap() { local c=$(left); echo $(( c < $1 ? c : $1 )); }
 KB="python run_bench.py kernels --device cuda --dtype bf16 --causal --batch 8 --heads 8 --dim 64 --codebook-size 256 --window 64 --warmup 2 --repeats 10 --cell-budget 30"
 t timeout -k 5 $(cap 220) $KB --lengths 1k,2k,4k,8k,16k,32k,64k --modes fwd,fwd+bwd --impls triton-window,linear-window,sdpa-flash,fla-linear --store $W/kernels.db --out $W/kernels > $W/kernels.log 2>&1
 [ $(left) -ge 30 ] && TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 120) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label as-is --variants base,fwd+bwd,no-bias,chunk256,sums4,sums8 > $W/fwd_ablation.log 2>&1
-# the precompile A/B (models/vq_attention/_precompile.py): a cold first forward+backward in a
+# the precompile A/B (models/triton_precompile.py): a cold first forward+backward in a
 # fresh process, TRITON_ALWAYS_COMPILE=1 (Triton's disk cache not read), as is and with
 # precompile.patch reverted; fwd_ablation's first_call_s is the compile + autotune time
 rm -rf /tmp/bp && cp -r . /tmp/bp && (cd /tmp/bp && patch -p1 -R < .gpu-runs/precompile.patch > $W/patch_bp.log 2>&1)

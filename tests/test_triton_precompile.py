@@ -1,4 +1,4 @@
-"""models/vq_attention/_precompile.py: the autotuner's key, replicated, and which launches
+"""models/triton_precompile.py: the autotuner's key, replicated, and which launches
 compile their configs in parallel. CPU only: the kernels are never launched (a stand-in times
 them) and their compilation is recorded, not run."""
 
@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
 
-from models.vq_attention import _precompile  # noqa: E402
+from models import triton_precompile as _precompile  # noqa: E402
 
 
 @triton.jit
@@ -69,3 +69,22 @@ def test_a_config_that_fails_to_compile_is_left_to_the_autotuner():
     tuned.fn.warmup = warmup
     assert _precompile.precompile(tuned, (torch.zeros(8), torch.zeros(8), 8), {"SCALE": 1},
                                   workers=2) == 3
+
+
+def test_for_every_autotuner_precompiles_any_autotuned_kernel_and_restores_triton():
+    """run_bench.py's commands run inside it: a library's autotuned kernel (here a stand-in)
+    compiles all its configs before its first tuning, and Triton's Autotuner is restored after."""
+    from triton.runtime.autotuner import Autotuner
+
+    original = Autotuner.run
+    tuned = _autotuner(3)
+    compiled = []
+    tuned.fn.warmup = lambda *args, grid, **kwargs: compiled.append(kwargs["BLOCK"])
+    args = (torch.zeros(40), torch.zeros(40), 40)
+    with _precompile.for_every_autotuner():
+        tuned[(1,)](*args, SCALE=2)
+        assert sorted(compiled) == [16, 32, 64] or _precompile.compile_workers() < 2
+        compiled.clear()
+        tuned[(1,)](*args, SCALE=2)  # tuned: nothing compiled again
+        assert compiled == []
+    assert Autotuner.run is original

@@ -1,5 +1,10 @@
 """Compile every autotune config of a Triton kernel in parallel, before the autotuner times them.
 
+``precompile`` does it for one launch (the VQ attention's launcher calls it);
+``for_every_autotuner`` for every autotuned Triton kernel the process launches, the libraries'
+too (mamba-ssm's Mamba-2 kernels compiled ~130 s on a cold H100 host; the run_bench CLI turns it
+on).
+
 Triton 3.6's autotuner compiles its candidate configs one by one, lazily, inside its serial
 benchmark loop (parallel compilation is still an open pull request upstream:
 triton-lang/triton#9612, #11847). Compilation spends its time in LLVM and ptxas, which release
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 MAX_WORKERS = 8
+_LAUNCH_ONLY = ("grid", "warmup")  # the keywords Autotuner.run takes besides the kernel's
 
 
 def tuning_key(tuned: Any, args: tuple, kwargs: dict) -> tuple:
@@ -69,3 +76,30 @@ def precompile(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None
     with ThreadPoolExecutor(min(workers, len(configs) - 1)) as pool:
         list(pool.map(compile_one, configs[1:]))
     return len(configs)
+
+
+@contextlib.contextmanager
+def for_every_autotuner() -> Iterator[None]:
+    """While active, every ``triton.autotune`` kernel that is about to tune compiles its configs
+    in parallel first (``precompile``): Triton's ``Autotuner.run`` is wrapped, and restored on
+    exit. Does nothing without Triton or in its interpreter."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        yield
+        return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    original = Autotuner.run
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("warmup", False):
+            precompile(self, args, {k: v for k, v in kwargs.items() if k not in _LAUNCH_ONLY})
+        return original(self, *args, **kwargs)
+
+    Autotuner.run = run
+    try:
+        yield
+    finally:
+        Autotuner.run = original
