@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 MAX_WORKERS = 8
+DISABLE_ENV = "LONGVQ_PARALLEL_COMPILE"  # "0": compile as Triton does, one config at a time
 _LAUNCH_ONLY = ("grid", "warmup")  # the keywords Autotuner.run takes besides the kernel's
 
 
@@ -43,7 +44,10 @@ def tuning_key(tuned: Any, args: tuple, kwargs: dict) -> tuple:
 
 
 def compile_workers() -> int:
-    """Threads for parallel compilation: this process's CPUs, at most MAX_WORKERS."""
+    """Threads for parallel compilation: this process's CPUs, at most MAX_WORKERS; 1 (Triton's
+    own serial compiles) with LONGVQ_PARALLEL_COMPILE=0."""
+    if os.environ.get(DISABLE_ENV) == "0":
+        return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return min(MAX_WORKERS, cpus or 1)
 
@@ -88,7 +92,7 @@ def for_every_autotuner() -> Iterator[None]:
     except ImportError:
         yield
         return
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1" or compile_workers() < 2:
         yield
         return
     original = Autotuner.run

@@ -88,3 +88,16 @@ def test_for_every_autotuner_precompiles_any_autotuned_kernel_and_restores_trito
         tuned[(1,)](*args, SCALE=2)  # tuned: nothing compiled again
         assert compiled == []
     assert Autotuner.run is original
+
+
+def test_parallel_compile_can_be_turned_off(monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setenv("LONGVQ_PARALLEL_COMPILE", "0")
+    assert _precompile.compile_workers() == 1
+    original = Autotuner.run
+    with _precompile.for_every_autotuner():
+        assert Autotuner.run is original
+    tuned = _autotuner(3)
+    tuned.fn.warmup = lambda *args, grid, **kwargs: pytest.fail("compiled")
+    assert _precompile.precompile(tuned, (torch.zeros(8), torch.zeros(8), 8), {"SCALE": 1}) == 0
