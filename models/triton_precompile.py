@@ -1,9 +1,9 @@
 """Compile every autotune config of a Triton kernel in parallel, before the autotuner times them.
 
-``precompile`` does it for one launch (the VQ attention's launcher calls it);
+``precompiling`` does it for one autotuned kernel (the VQ attention's kernels);
 ``for_every_autotuner`` for every autotuned Triton kernel the process launches, the libraries'
-too (mamba-ssm's Mamba-2 kernels compiled ~130 s on a cold H100 host; the run_bench CLI turns it
-on).
+too (mamba-ssm's Mamba-2 kernels compiled ~130 s on a cold H100 host; every run_bench command
+runs inside it).
 
 Triton 3.6's autotuner compiles its candidate configs one by one, lazily, inside its serial
 benchmark loop (parallel compilation is still an open pull request upstream:
@@ -13,16 +13,18 @@ the GIL, so threads overlap it. Compiled for sm_90a on a 2-core CPU, the 8 forwa
 ~46 configs: LongVQ's first scaling-sweep cell took 88 s on an H100 host with 16 cores
 (results/h100/session18/).
 
-Only launches the autotuner will tune (their tuning key is not cached) are precompiled; the
-kernels then come from the JIT's cache when the autotuner benchmarks them. A config that fails
-to compile is left to the autotuner, which skips it as before.
+Only launches that tune are precompiled: the hook sits where the autotuner times a config, so
+a launch whose tuning is cached pays nothing but a counter. The kernels then come from the
+JIT's cache when the autotuner times them. A config that fails to compile is left to the
+autotuner, which skips it as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,16 +33,6 @@ import torch
 MAX_WORKERS = 8
 DISABLE_ENV = "LONGVQ_PARALLEL_COMPILE"  # "0": compile as Triton does, one config at a time
 _LAUNCH_ONLY = ("grid", "warmup")  # the keywords Autotuner.run takes besides the kernel's
-
-
-def tuning_key(tuned: Any, args: tuple, kwargs: dict) -> tuple:
-    """The key ``triton.runtime.autotuner.Autotuner.run`` (Triton 3.6) files a tuning under:
-    the values of its key arguments, then the dtype of every tensor argument, in order."""
-    named = {**dict(zip(tuned.arg_names, args, strict=False)), **kwargs}
-    named = {name: value for name, value in named.items() if name in tuned.arg_names}
-    key = [named[name] for name in tuned.keys if name in named]
-    key += [str(value.dtype) for value in named.values() if hasattr(value, "dtype")]
-    return tuple(key)
 
 
 def compile_workers() -> int:
@@ -52,17 +44,14 @@ def compile_workers() -> int:
     return min(MAX_WORKERS, cpus or 1)
 
 
-def precompile(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None) -> int:
-    """Compile every config of autotuner ``tuned`` for this launch (``args``, ``kwargs`` as the
-    launch passes them), ``workers`` at a time, when the launch will tune. Returns how many
-    configs were compiled here: 0 when the key is cached, there is one config, or one worker."""
+def compile_configs(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None) -> int:
+    """Compile every config of autotuner ``tuned`` for a launch's arguments (``kwargs``: the
+    kernel's keyword arguments, no grid or warmup), ``workers`` threads at a time. Returns how
+    many configs were compiled here: 0 with one config or one worker."""
     configs = tuned.configs
-    if len(configs) < 2 or tuning_key(tuned, args, kwargs) in tuned.cache:  # ~8 us a launch
-        return 0
     workers = compile_workers() if workers is None else workers
-    if workers < 2:
+    if len(configs) < 2 or workers < 2:
         return 0
-
     device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
 
     def compile_one(config: Any) -> None:
@@ -82,11 +71,46 @@ def precompile(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None
     return len(configs)
 
 
+def _counting_run(run: Callable) -> Callable:
+    """``Autotuner.run`` that numbers its launches (the hot path: one attribute increment)."""
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._launches = getattr(self, "_launches", 0) + 1
+        return run(self, *args, **kwargs)
+
+    return counted
+
+
+def _precompiling_bench(bench: Callable) -> Callable:
+    """``Autotuner._bench``, which times one config of a tuning, that first compiles all of the
+    tuning's configs in parallel (``compile_configs``) at its first call of that launch."""
+
+    def first_compiles_all(self: Any, *args: Any, config: Any, **meta: Any) -> Any:
+        launch = getattr(self, "_launches", None)
+        if launch is not None and getattr(self, "_compiled_at", None) != launch:
+            self._compiled_at = launch
+            compile_configs(self, args, {k: v for k, v in meta.items() if k not in _LAUNCH_ONLY})
+        return bench(self, *args, config=config, **meta)
+
+    return first_compiles_all
+
+
+def precompiling(tuned: Any) -> Any:
+    """``tuned`` (a ``triton.autotune`` kernel) compiling every config of each tuning in
+    parallel threads before timing them: its ``run`` and ``_bench`` wrapped on the instance
+    (no other autotuner changes). Launches that do not tune pay one counter increment."""
+    cls = type(tuned)
+    tuned.run = types.MethodType(_counting_run(cls.run), tuned)
+    tuned._bench = types.MethodType(_precompiling_bench(cls._bench), tuned)
+    return tuned
+
+
 @contextlib.contextmanager
 def for_every_autotuner() -> Iterator[None]:
-    """While active, every ``triton.autotune`` kernel that is about to tune compiles its configs
-    in parallel first (``precompile``): Triton's ``Autotuner.run`` is wrapped, and restored on
-    exit. Does nothing without Triton or in its interpreter."""
+    """While active, every ``triton.autotune`` kernel of the process (mamba-ssm's, fla's)
+    compiles the configs of each tuning in parallel first, as ``precompiling`` does for one:
+    Triton's ``Autotuner.run`` and ``_bench`` are wrapped, and restored on exit. Does nothing
+    without Triton, in its interpreter or with one worker."""
     try:
         from triton.runtime.autotuner import Autotuner
     except ImportError:
@@ -95,15 +119,9 @@ def for_every_autotuner() -> Iterator[None]:
     if os.environ.get("TRITON_INTERPRET") == "1" or compile_workers() < 2:
         yield
         return
-    original = Autotuner.run
-
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not kwargs.get("warmup", False):
-            precompile(self, args, {k: v for k, v in kwargs.items() if k not in _LAUNCH_ONLY})
-        return original(self, *args, **kwargs)
-
-    Autotuner.run = run
+    run, bench = Autotuner.run, Autotuner._bench
+    Autotuner.run, Autotuner._bench = _counting_run(run), _precompiling_bench(bench)
     try:
         yield
     finally:
-        Autotuner.run = original
+        Autotuner.run, Autotuner._bench = run, bench

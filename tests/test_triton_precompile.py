@@ -1,6 +1,6 @@
-"""models/triton_precompile.py: the autotuner's key, replicated, and which launches
-compile their configs in parallel. CPU only: the kernels are never launched (a stand-in times
-them) and their compilation is recorded, not run."""
+"""models/triton_precompile.py: each tuning compiles all its configs in parallel threads first,
+once, and launches that do not tune compile nothing. CPU only: a real ``triton.autotune``
+whose kernel is never launched (a stand-in times it) and whose compiles are recorded."""
 
 from __future__ import annotations
 
@@ -12,92 +12,81 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 torch = pytest.importorskip("torch")
 
-from models import triton_precompile as _precompile  # noqa: E402
+from models import triton_precompile  # noqa: E402
 
 
 @triton.jit
-def _copy_kernel(X, Y, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_kernel(X, Y, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * SCALE, mask=offs < N)
 
 
-def _autotuner(n_configs: int = 3):
+def _autotuner(n_configs: int, compiled: list, fail_block: int | None = None):
+    """An autotuner over ``_scale_kernel`` whose timing and launch are stand-ins; its compiles
+    append (BLOCK, thread) to ``compiled``."""
     configs = [triton.Config({"BLOCK": 16 * 2**i}, num_warps=4) for i in range(n_configs)]
-    tuned = triton.autotune(configs, key=["N"])(_copy_kernel)
-    tuned._do_bench = lambda kernel_call, quantiles: [1.0, 1.0, 1.0]  # never launched
+    tuned = triton.autotune(configs, key=["N"])(_scale_kernel)
+    tuned._do_bench = lambda kernel_call, quantiles: [1.0, 1.0, 1.0]
     tuned.fn.run = lambda *args, **kwargs: None
+
+    def warmup(*args, grid, **kwargs):
+        assert kwargs["SCALE"] == 2 and kwargs["num_warps"] == 4 and "warmup" not in kwargs
+        if kwargs["BLOCK"] == fail_block:
+            raise RuntimeError("out of resources")
+        compiled.append((kwargs["BLOCK"], threading.get_ident()))
+
+    tuned.fn.warmup = warmup
     return tuned
 
 
-def test_tuning_key_is_the_key_the_autotuner_files_its_tuning_under():
-    tuned = _autotuner()
-    x, y = torch.zeros(40), torch.zeros(40, dtype=torch.float64)
-    args, kwargs = (x, y, 40), {"SCALE": 2}
-    tuned[(1,)](*args, **kwargs)
-    assert list(tuned.cache) == [_precompile.tuning_key(tuned, args, kwargs)]
-    assert _precompile.tuning_key(tuned, args, kwargs) == (40, "torch.float32", "torch.float64")
-    # another N is another tuning, which the autotuner has not done
-    assert _precompile.tuning_key(tuned, (x, y, 41), kwargs) not in tuned.cache
+def _launch(tuned, n: int) -> None:
+    tuned[(1,)](torch.zeros(n), torch.zeros(n), n, SCALE=2)
 
 
-def test_precompile_compiles_every_config_once_in_threads_only_when_it_will_tune():
-    tuned = _autotuner(4)
-    compiled, threads = [], set()
-
-    def warmup(*args, grid, **kwargs):
-        compiled.append(kwargs["BLOCK"])
-        threads.add(threading.get_ident())
-        assert kwargs["SCALE"] == 2 and kwargs["num_warps"] == 4
-
-    tuned.fn.warmup = warmup
-    args, kwargs = (torch.zeros(40), torch.zeros(40), 40), {"SCALE": 2}
-    assert _precompile.precompile(tuned, args, kwargs, workers=1) == 0  # nothing to overlap
-    assert _precompile.precompile(tuned, args, kwargs, workers=3) == 4
-    assert sorted(compiled) == [16, 32, 64, 128] and len(threads) >= 2
-    tuned[(1,)](*args, **kwargs)  # tuned now: the next launch compiles nothing
+def test_each_tuning_compiles_every_config_once_in_threads(monkeypatch):
+    monkeypatch.setattr(triton_precompile, "compile_workers", lambda: 3)
+    compiled = []
+    tuned = triton_precompile.precompiling(_autotuner(4, compiled))
+    _launch(tuned, 40)
+    assert sorted(block for block, _ in compiled) == [16, 32, 64, 128]
+    assert len({thread for _, thread in compiled}) >= 2
     compiled.clear()
-    assert _precompile.precompile(tuned, args, kwargs, workers=3) == 0 and compiled == []
+    _launch(tuned, 40)  # tuned already: nothing compiled
+    assert compiled == []
+    _launch(tuned, 41)  # another key, another tuning: compiled again, once
+    assert sorted(block for block, _ in compiled) == [16, 32, 64, 128]
 
 
-def test_a_config_that_fails_to_compile_is_left_to_the_autotuner():
-    tuned = _autotuner(3)
-
-    def warmup(*args, grid, **kwargs):
-        if kwargs["BLOCK"] == 32:
-            raise RuntimeError("out of resources")
-
-    tuned.fn.warmup = warmup
-    assert _precompile.precompile(tuned, (torch.zeros(8), torch.zeros(8), 8), {"SCALE": 1},
-                                  workers=2) == 3
-
-
-def test_for_every_autotuner_precompiles_any_autotuned_kernel_and_restores_triton():
-    """run_bench.py's commands run inside it: a library's autotuned kernel (here a stand-in)
-    compiles all its configs before its first tuning, and Triton's Autotuner is restored after."""
+def test_every_autotuner_of_the_process_while_active_then_triton_restored(monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
-    original = Autotuner.run
-    tuned = _autotuner(3)
+    monkeypatch.setattr(triton_precompile, "compile_workers", lambda: 2)
+    run, bench = Autotuner.run, Autotuner._bench
     compiled = []
-    tuned.fn.warmup = lambda *args, grid, **kwargs: compiled.append(kwargs["BLOCK"])
-    args = (torch.zeros(40), torch.zeros(40), 40)
-    with _precompile.for_every_autotuner():
-        tuned[(1,)](*args, SCALE=2)
-        assert sorted(compiled) == [16, 32, 64] or _precompile.compile_workers() < 2
-        compiled.clear()
-        tuned[(1,)](*args, SCALE=2)  # tuned: nothing compiled again
-        assert compiled == []
-    assert Autotuner.run is original
+    tuned = _autotuner(3, compiled)  # a library's kernel: not wrapped itself
+    with triton_precompile.for_every_autotuner():
+        _launch(tuned, 40)
+    assert sorted(block for block, _ in compiled) == [16, 32, 64]
+    assert (Autotuner.run, Autotuner._bench) == (run, bench)
+
+
+def test_a_config_that_fails_to_compile_is_left_to_the_autotuner(monkeypatch):
+    monkeypatch.setattr(triton_precompile, "compile_workers", lambda: 2)
+    compiled = []
+    tuned = triton_precompile.precompiling(_autotuner(3, compiled, fail_block=32))
+    _launch(tuned, 8)
+    assert sorted(block for block, _ in compiled) == [16, 64]
+    assert tuned.cache  # the tuning finished
 
 
 def test_parallel_compile_can_be_turned_off(monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
     monkeypatch.setenv("LONGVQ_PARALLEL_COMPILE", "0")
-    assert _precompile.compile_workers() == 1
-    original = Autotuner.run
-    with _precompile.for_every_autotuner():
-        assert Autotuner.run is original
-    tuned = _autotuner(3)
-    tuned.fn.warmup = lambda *args, grid, **kwargs: pytest.fail("compiled")
-    assert _precompile.precompile(tuned, (torch.zeros(8), torch.zeros(8), 8), {"SCALE": 1}) == 0
+    assert triton_precompile.compile_workers() == 1
+    run = Autotuner.run
+    with triton_precompile.for_every_autotuner():
+        assert Autotuner.run is run
+    compiled = []
+    _launch(triton_precompile.precompiling(_autotuner(3, compiled)), 8)
+    assert compiled == []

@@ -76,7 +76,7 @@ from torch.utils.flop_counter import register_flop_formula
 from triton.runtime.errors import OutOfResources
 
 from models._optional import interpreting
-from models.triton_precompile import precompile
+from models.triton_precompile import precompiling
 
 from ._common import (
     LAPLACE_MU,
@@ -1038,9 +1038,11 @@ _TUNE_KEYS = {
 # The autotuner runs each config several times: kernels that accumulate get their output reset
 # (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk).
 _RESTORE = {"dk_far": ["DK"]}
-_TUNED = {name: triton.autotune(CONFIGS[name], key=_TUNE_KEYS[name],
-                                reset_to_zero=["DBIAS"] if name == "dq" else None,
-                                restore_value=_RESTORE.get(name))(kernel)
+# each tuning compiles its configs in parallel threads first (Triton 3.6 compiles them one by
+# one as it times them: models/triton_precompile.py)
+_TUNED = {name: precompiling(triton.autotune(CONFIGS[name], key=_TUNE_KEYS[name],
+                                             reset_to_zero=["DBIAS"] if name == "dq" else None,
+                                             restore_value=_RESTORE.get(name))(kernel))
           for name, kernel in _KERNELS.items()}
 
 
@@ -1073,7 +1075,6 @@ def _launch(name: str, grid, *args, **kwargs) -> None:
         return
     try:
         if autotuning():
-            precompile(_TUNED[name], args, kwargs)  # the configs it will time, in parallel
             _TUNED[name][grid](*args, **kwargs)
         else:  # float32 tiles are twice as large: no pipelining keeps them in shared memory
             config = _default_config(name, kwargs)

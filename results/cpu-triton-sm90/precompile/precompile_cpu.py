@@ -65,7 +65,7 @@ def main(workers: int) -> None:
         for config in tuned.configs:
             tuned.fn.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
     else:
-        _precompile.precompile(tuned, args, kwargs, workers=workers)
+        _precompile.compile_configs(tuned, args, kwargs, workers=workers)
     seconds = time.perf_counter() - start
     compiled = sum(len(caches[0]) for caches in tuned.fn.device_caches.values())
     print(f"{workers} thread(s): {len(tuned.configs)} configs, {compiled} kernels in the JIT "
