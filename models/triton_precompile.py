@@ -44,11 +44,12 @@ def compile_workers() -> int:
     return min(MAX_WORKERS, cpus or 1)
 
 
-def compile_configs(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None) -> int:
-    """Compile every config of autotuner ``tuned`` for a launch's arguments (``kwargs``: the
-    kernel's keyword arguments, no grid or warmup), ``workers`` threads at a time. Returns how
-    many configs were compiled here: 0 with one config or one worker."""
-    configs = tuned.configs
+def compile_configs(tuned: Any, args: tuple, kwargs: dict, workers: int | None = None,
+                    configs: list | None = None) -> int:
+    """Compile ``configs`` (default: all) of autotuner ``tuned`` for a launch's arguments
+    (``kwargs``: the kernel's keyword arguments, no grid or warmup), ``workers`` threads at a
+    time. Returns how many configs were compiled here: 0 with one config or one worker."""
+    configs = list(tuned.configs if configs is None else configs)
     workers = compile_workers() if workers is None else workers
     if len(configs) < 2 or workers < 2:
         return 0
@@ -89,7 +90,12 @@ def _precompiling_bench(bench: Callable) -> Callable:
         launch = getattr(self, "_launches", None)
         if launch is not None and getattr(self, "_compiled_at", None) != launch:
             self._compiled_at = launch
-            compile_configs(self, args, {k: v for k, v in meta.items() if k not in _LAUNCH_ONLY})
+            try:  # the configs this tuning times (a library's early pruning may drop some)
+                configs = self.prune_configs(meta)
+            except Exception:  # noqa: BLE001 -- then all of them
+                configs = None
+            compile_configs(self, args, {k: v for k, v in meta.items() if k not in _LAUNCH_ONLY},
+                            configs=configs)
         return bench(self, *args, config=config, **meta)
 
     return first_compiles_all

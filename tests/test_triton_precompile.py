@@ -90,3 +90,13 @@ def test_parallel_compile_can_be_turned_off(monkeypatch):
     compiled = []
     _launch(triton_precompile.precompiling(_autotuner(3, compiled)), 8)
     assert compiled == []
+
+
+def test_a_librarys_pruned_configs_are_not_compiled(monkeypatch):
+    monkeypatch.setattr(triton_precompile, "compile_workers", lambda: 2)
+    compiled = []
+    tuned = _autotuner(4, compiled)
+    tuned.early_config_prune = lambda configs, named_args, **kwargs: configs[:2]
+    triton_precompile.precompiling(tuned)
+    _launch(tuned, 8)
+    assert sorted(block for block, _ in compiled) == [16, 32]
