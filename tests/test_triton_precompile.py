@@ -100,3 +100,19 @@ def test_a_librarys_pruned_configs_are_not_compiled(monkeypatch):
     triton_precompile.precompiling(tuned)
     _launch(tuned, 8)
     assert sorted(block for block, _ in compiled) == [16, 32]
+
+
+def test_the_vq_kernels_tune_each_config_briefly(monkeypatch):
+    """Each VQ kernel's tuning times a config for TUNE_WARMUP_MS + TUNE_REP_MS (Triton's default
+    25 + 100 ms made a LongVQ cell's retuning ~5 s at every new length of a sweep)."""
+    import triton.testing
+
+    from models.vq_attention import triton as vq
+
+    seen = []
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, quantiles: seen.append((warmup, rep)) or [1.0])
+    for tuned in vq._TUNED.values():
+        tuned.do_bench(lambda: None, quantiles=(0.5,))
+    assert seen == [(vq.TUNE_WARMUP_MS, vq.TUNE_REP_MS)] * len(vq._TUNED)
+    assert vq.TUNE_REP_MS < 100
