@@ -162,3 +162,30 @@ def test_warm_up_never_times_right_after_a_slow_first_call(slow_calls, warmup, c
 
     assert kernels._warm_up(call, warmup, slow_s=0.02, device="cpu") is op_is_slow
     assert len(made) == calls
+
+
+def test_cuda_timing_queues_the_calls_back_to_back_between_events(monkeypatch):
+    """The CUDA path without a GPU: a stand-in Event logs the order. One untimed call first
+    (the host gets ahead), then event, call, event for each timed call, one synchronisation
+    at the end; each time is its pair of events' elapsed time."""
+    log = []
+
+    class Event:
+        count = 0
+
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            Event.count += 1
+            self.id = Event.count
+
+        def record(self) -> None:
+            log.append(f"event{self.id}")
+
+        def elapsed_time(self, end) -> float:
+            return float(end.id - self.id)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    times = kernels._timed_calls_cuda(lambda: log.append("call"), repeats=2)
+    assert log == ["call", "event1", "call", "event2", "event3", "call", "event4", "sync"]
+    assert times == [1.0, 1.0]
