@@ -8,12 +8,9 @@
 # chunk256 (half the code cache; the band, now cheaper, grows).
 # Then the A/B of the parallel precompile of autotune configs; last, dq_8warps.patch's configs.
 # TOTAL (s, default 560) caps the call.
+TOTAL_DEFAULT=560
 source .gpu-runs/common.sh
-T0=$(date +%s)
-nvidia-smi > $W/nvidia-smi.txt
 unset LONGVQ_TRITON_AUTOTUNE
-left() { echo $(( ${TOTAL:-560} - ($(date +%s) - T0) )); }
-cap() { local c=$(left); echo $(( c < $1 ? c : $1 )); }
 KB="python run_bench.py kernels --device cuda --dtype bf16 --causal --batch 8 --heads 8 --dim 64 --codebook-size 256 --window 64 --warmup 2 --repeats 10 --cell-budget 30"
 t timeout -k 5 $(cap 220) $KB --lengths 1k,2k,4k,8k,16k,32k,64k --modes fwd,fwd+bwd --impls triton-window,linear-window,sdpa-flash,fla-linear --store $W/kernels.db --out $W/kernels > $W/kernels.log 2>&1
 [ $(left) -ge 30 ] && TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 120) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label as-is --variants base,fwd+bwd,no-bias,chunk256,sums4,sums8 > $W/fwd_ablation.log 2>&1

@@ -5,12 +5,9 @@
 # with LONGVQ_PARALLEL_COMPILE=0 (Triton's serial compiles) and once as is, in fresh processes,
 # TRITON_ALWAYS_COMPILE=1 (Triton's disk cache not read). The run's "Wall time" line is the
 # measurement. TOTAL (s, default 560) caps the call.
+TOTAL_DEFAULT=560
 source .gpu-runs/common.sh
-T0=$(date +%s)
-nvidia-smi > $W/nvidia-smi.txt
 unset LONGVQ_TRITON_AUTOTUNE
-left() { echo $(( ${TOTAL:-560} - ($(date +%s) - T0) )); }
-cap() { local c=$(left); echo $(( c < $1 ? c : $1 )); }
 cell() {  # cell MODEL LABEL [env...]
   local model=$1 label=$2; shift 2
   [ $(left) -ge 40 ] && (export "$@" TRITON_ALWAYS_COMPILE=1 TRITON_CACHE_AUTOTUNING=0; t timeout -k 5 $(cap 160) python run_bench.py efficiency --device cuda --preset scaling --lengths 2048 --models "$model" --store $W/$label.db > $W/$label.log 2>&1)
