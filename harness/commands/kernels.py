@@ -212,9 +212,11 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="input dtype (auto: bf16 on cuda, fp32 on cpu)",
     )
     p_ker.add_argument("--warmup", type=int, default=2,
-                       help="untimed runs per cell, at least 1 (2)")
+                       help="untimed runs per cell, at least 1 (2); one more after a run "
+                       "over 1 s (compile, autotune), so that none is timed right after it")
     p_ker.add_argument("--repeats", type=int, default=None,
-                       help="timed runs per cell (5; 2 with --quick)")
+                       help="timed runs per cell (5; 2 with --quick; 2 for an op over 1 s a "
+                       "run); on CUDA back to back between CUDA events (device time)")
     p_ker.add_argument("--quick", action="store_true",
                        help="CPU smoke run: lengths 256,512 and 2 timed runs per cell unless given")
     p_ker.add_argument("--peak-gbps", type=float, default=None,
