@@ -29,7 +29,8 @@ linear in L). For L not a multiple of C the chunked path pads q, k, v at the end
 pad keys, as Mega's LRA encoder and LM decoder pad tokens with ``padding_idx``: the EMA masks pad
 inputs and pads come last, so real positions see exactly what they see without padding. As in
 Mega, L <= C is one chunk of length L. The chunked relative bias holds C offsets, so any L works;
-the full path's holds ``max_positions`` and longer inputs raise a ValueError.
+the full path's holds ``max_positions`` and longer inputs raise a ValueError (the efficiency
+runner raises ``max_positions`` to a cell's L unless it was set: ``MegaConfig.sized_for``).
 
 Deviations from fairseq (all deliberate): layout (B, L, D) not (L, B, D); LayerNorm only (Mega's
 LRA configs use ScaleNorm/BatchNorm per task); no padding masks or incremental decoding (the
@@ -41,6 +42,7 @@ has a final norm only with pre-norm). Parameter names match fairseq's (the test 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,13 @@ class MegaConfig(ModelConfig):
     prenorm: bool = False  # Mega's LRA and LM configs default to post-norm
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # on V and inside the NFFN (fairseq hidden/activation dropout)
+
+    def sized_for(self, seq_len: int, fixed: Collection[str] = ()) -> MegaConfig:
+        """The full path's relative-bias table holds ``max_positions`` offsets: raised to
+        ``seq_len`` (the scaling preset's 16K-64K) unless the user set it."""
+        if self.chunk_size == -1 and seq_len > self.max_positions and "max_positions" not in fixed:
+            return self.replace(max_positions=seq_len)
+        return self
 
     def resolved_z_dim(self) -> int:
         return self.z_dim if self.z_dim > 0 else max(1, min(64, self.d_model // 2))

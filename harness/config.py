@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
 
@@ -63,6 +64,13 @@ class ModelConfig:
         step at ``seq_len`` on ``device`` (compiled or not) makes them, so that the fast-path
         check (harness/fast_path_check.py) checks the kernels the timed cell runs. A config
         with such choices overrides this; by default there are none."""
+        return self
+
+    def sized_for(self: C, seq_len: int, fixed: Collection[str] = ()) -> C:
+        """This config with its length capacities (a position table's size) raised to hold
+        ``seq_len`` where they are too small and not in ``fixed`` (fields the user set): a
+        length sweep measures a model until it runs out of memory, not until an arbitrary
+        table ends. By default there are none."""
         return self
 
     def check_memory_budget(self, compiled: bool) -> None:

@@ -118,8 +118,9 @@ def plan_shapes(
         for seq_len, batch in shapes:
             cell = EfficiencyCell(spec.label, seq_len, batch, device, dtype, warmup, steps,
                                   seed, compile=compile, cuda_graph=cuda_graph)
-            key = cell_key(cell, model_config, device_label, preset)
-            planned.append(PlannedCell(entry, model_config, cell, key, preset, max_step_s))
+            sized = model_config.sized_for(seq_len, fixed=entry_overrides)
+            key = cell_key(cell, sized, device_label, preset)
+            planned.append(PlannedCell(entry, sized, cell, key, preset, max_step_s))
     return planned
 
 

@@ -289,3 +289,21 @@ def test_chunked_equals_reference_on_cuda(attn_fn: str, head: str):
         assert_close(name, value, chunked[name], 1e-4)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(layer(x)).all()
+
+
+def test_a_length_sweep_raises_the_full_paths_position_table_unless_it_was_set():
+    """The scaling preset runs Mega's full path to 64K: its relative-bias table grows to each
+    cell's L (an oom row, not a max_positions error); cells that fit keep their config (and
+    store keys); a max_positions the user set is kept, so the error stays theirs."""
+    from harness.runner import plan_shapes
+
+    shapes = [(4096, 1), (16384, 1)]
+    default, longer = plan_shapes([REGISTRY.get("mega")], shapes, "cpu", "fp32", {}, 1, 1, 0)
+    assert default.model_config.max_positions == 8192
+    assert longer.model_config.max_positions == 16384
+    assert default.model_config is not longer.model_config
+    chunked = plan_shapes([REGISTRY.get("mega_chunk")], shapes, "cpu", "fp32", {}, 1, 1, 0)
+    assert {c.model_config.max_positions for c in chunked} == {8192}  # its bias is per chunk
+    fixed = plan_shapes([REGISTRY.get("mega")], shapes, "cpu", "fp32", {"max_positions": 4096},
+                        1, 1, 0)
+    assert {c.model_config.max_positions for c in fixed} == {4096}
