@@ -14,7 +14,7 @@ the GIL, so threads overlap it. Compiled for sm_90a on a 2-core CPU, the 8 forwa
 (results/h100/session18/).
 
 Only launches that tune are precompiled: the hook sits where the autotuner times a config, so
-a launch whose tuning is cached pays nothing but a counter. The kernels then come from the
+a launch whose tuning is cached never reaches it. The kernels then come from the
 JIT's cache when the autotuner times them. A config that fails to compile is left to the
 autotuner, which skips it as before.
 """
@@ -72,28 +72,17 @@ def compile_configs(tuned: Any, args: tuple, kwargs: dict, workers: int | None =
     return len(configs)
 
 
-def _counting_run(run: Callable) -> Callable:
-    """``Autotuner.run`` that numbers its launches (the hot path: one attribute increment)."""
-
-    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self._launches = getattr(self, "_launches", 0) + 1
-        return run(self, *args, **kwargs)
-
-    return counted
-
-
 def _precompiling_bench(bench: Callable) -> Callable:
     """``Autotuner._bench``, which times one config of a tuning, that first compiles all of the
-    tuning's configs in parallel (``compile_configs``) at its first call of that launch."""
+    tuning's configs in parallel (``compile_configs``) when it is given the first of them
+    (``Autotuner.run`` times the pruned configs in order, once per tuning)."""
 
     def first_compiles_all(self: Any, *args: Any, config: Any, **meta: Any) -> Any:
-        launch = getattr(self, "_launches", None)
-        if launch is not None and getattr(self, "_compiled_at", None) != launch:
-            self._compiled_at = launch
-            try:  # the configs this tuning times (a library's early pruning may drop some)
-                configs = self.prune_configs(meta)
-            except Exception:  # noqa: BLE001 -- then all of them
-                configs = None
+        try:  # the configs this tuning times (a library's early pruning may drop some)
+            configs = self.prune_configs(meta)
+        except Exception:  # noqa: BLE001 -- then leave the compiles to Triton
+            configs = []
+        if configs and config == configs[0]:
             compile_configs(self, args, {k: v for k, v in meta.items() if k not in _LAUNCH_ONLY},
                             configs=configs)
         return bench(self, *args, config=config, **meta)
@@ -103,11 +92,9 @@ def _precompiling_bench(bench: Callable) -> Callable:
 
 def precompiling(tuned: Any) -> Any:
     """``tuned`` (a ``triton.autotune`` kernel) compiling every config of each tuning in
-    parallel threads before timing them: its ``run`` and ``_bench`` wrapped on the instance
-    (no other autotuner changes). Launches that do not tune pay one counter increment."""
-    cls = type(tuned)
-    tuned.run = types.MethodType(_counting_run(cls.run), tuned)
-    tuned._bench = types.MethodType(_precompiling_bench(cls._bench), tuned)
+    parallel threads before timing them: its ``_bench`` wrapped on the instance (no other
+    autotuner changes; launches that do not tune do not reach it)."""
+    tuned._bench = types.MethodType(_precompiling_bench(type(tuned)._bench), tuned)
     return tuned
 
 
@@ -115,8 +102,8 @@ def precompiling(tuned: Any) -> Any:
 def for_every_autotuner() -> Iterator[None]:
     """While active, every ``triton.autotune`` kernel of the process (mamba-ssm's, fla's)
     compiles the configs of each tuning in parallel first, as ``precompiling`` does for one:
-    Triton's ``Autotuner.run`` and ``_bench`` are wrapped, and restored on exit. Does nothing
-    without Triton, in its interpreter or with one worker."""
+    Triton's ``Autotuner._bench`` is wrapped, and restored on exit. Does nothing without
+    Triton, in its interpreter or with one worker."""
     try:
         from triton.runtime.autotuner import Autotuner
     except ImportError:
@@ -125,9 +112,9 @@ def for_every_autotuner() -> Iterator[None]:
     if os.environ.get("TRITON_INTERPRET") == "1" or compile_workers() < 2:
         yield
         return
-    run, bench = Autotuner.run, Autotuner._bench
-    Autotuner.run, Autotuner._bench = _counting_run(run), _precompiling_bench(bench)
+    bench = Autotuner._bench
+    Autotuner._bench = _precompiling_bench(bench)
     try:
         yield
     finally:
-        Autotuner.run, Autotuner._bench = run, bench
+        Autotuner._bench = bench
