@@ -1363,7 +1363,7 @@ def _grad_cache(spec: _Spec, q, cb, grad_out, lse, counts) -> tuple[Tensor, Tens
 
 
 def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+    return triton.cdiv(x, multiple) * multiple
 
 
 def _bias_table(bias: Tensor, window: int) -> tuple[Tensor, int, int]:
