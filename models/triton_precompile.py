@@ -9,9 +9,9 @@ Triton 3.6's autotuner compiles its candidate configs one by one, lazily, inside
 benchmark loop (parallel compilation is still an open pull request upstream:
 triton-lang/triton#9612, #11847). Compilation spends its time in LLVM and ptxas, which release
 the GIL, so threads overlap it. Compiled for sm_90a on a 2-core CPU, the 8 forward configs took
-5.8 s one after another and 3.2 s on 2 threads. A cold first call of the VQ attention compiles
-~46 configs: LongVQ's first scaling-sweep cell took 88 s on an H100 host with 16 cores
-(results/h100/session18/).
+5.4-5.7 s one after another and 3.5 s on 2 threads (results/cpu-triton-sm90/precompile/). A
+cold first call of the VQ attention compiles ~46 configs: LongVQ's first scaling-sweep cell took
+88 s on an H100 host with 16 cores (results/h100/session18/).
 
 Only launches that tune are precompiled: the hook sits where the autotuner times a config, so
 a launch whose tuning is cached never reaches it. The kernels then come from the
