@@ -170,6 +170,27 @@ def _cache_id(case) -> str:
     return f"cache-{mode}-{segments}" + ("" if chunk == 16 else f"-ch{chunk}")
 
 
+def _cache_reference(v: torch.Tensor, codes: torch.Tensor, size: int, chunk: int, window: int,
+                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 per-code sums (BH, entries, S, Dv) and counts (BH, entries, S) of each entry's
+    keys: j < c CH - W, also j >= (c + 1) CH + W for "far", every key for "all"."""
+    length = codes.shape[1]
+    one_hot = torch.nn.functional.one_hot(codes.long(), size).double()  # (BH, L, S)
+    j = torch.arange(length, device=codes.device)
+    keys = [torch.ones(length, dtype=torch.bool, device=codes.device)] if mode == "all" else [
+        (j < c * chunk - window) | ((j >= (c + 1) * chunk + window) & (mode == "far"))
+        for c in range(-(-length // chunk))]
+    ref_u = torch.stack([torch.einsum("bjs,bjd->bsd", one_hot * m[:, None], v.double())
+                         for m in keys], 1)
+    ref_n = torch.stack([(one_hot * m[:, None]).sum(1) for m in keys], 1)
+    return ref_u, ref_n
+
+
+def _cache_errors(reference, result) -> dict[str, float]:
+    return {name: ((ref - x.double()).norm() / ref.norm()).item()
+            for name, ref, x in zip(("u", "counts"), reference, result, strict=True)}
+
+
 def _cache_case(_fn, case) -> dict[str, float]:
     """``_code_cache`` vs per-code sums in float64 over each entry's keys (j < c CH - W, also
     j >= (c + 1) CH + W for "far", every key for "all"). "far" subtracts the band from the
@@ -186,16 +207,8 @@ def _cache_case(_fn, case) -> dict[str, float]:
                  mode=mode, has_bias=True, key_grad="window", strategy="auto",
                  cb_per_head=0)
     u, counts = _code_cache(spec, v, codes, torch.float32, segments=segments)
-    one_hot = torch.nn.functional.one_hot(codes.long(), size).double()  # (BH, L, S)
-    j = torch.arange(length)
-    keys = [torch.ones(length, dtype=torch.bool)] if mode == "all" else [
-        (j < c * chunk - window) | ((j >= (c + 1) * chunk + window) & (mode == "far"))
-        for c in range(-(-length // chunk))]
-    ref_u = torch.stack([torch.einsum("bjs,bjd->bsd", one_hot * m[:, None], v.double())
-                         for m in keys], 1)
-    ref_n = torch.stack([(one_hot * m[:, None]).sum(1) for m in keys], 1)
-    errors = {name: ((ref - x.double()).norm() / ref.norm()).item()
-              for name, ref, x in (("u", ref_u, u), ("counts", ref_n, counts))}
+    ref_u, ref_n = _cache_reference(v, codes, size, chunk, window, mode)
+    errors = _cache_errors((ref_u, ref_n), (u, counts))
     absent = ref_n == 0
     assert mode == "all" or bool(absent.any()), "the case must hold codes absent from an entry"
     errors["absent"] = u[absent].abs().max().item() if absent.any() else 0.0
@@ -497,6 +510,47 @@ def test_cuda_matches_naive(one_config, attn_fn, causal, dtype, shape):
                                                   attn_fn, use_bias, seed=1, device="cuda")
     compare(vq_attention_triton, leaves, codebook, codes, grad_out, dtype, TOL[dtype],
             {"chunk": chunk}, attn_fn=attn_fn, causal=causal, window=window, key_grad=key_grad)
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_sm", [None, 8])
+def test_cuda_causal_cache_split_to_fill_sms(one_config, monkeypatch, per_sm):
+    """The causal code cache at #9's B H = 64, S = 256, Dv = 64 (4 x 64 sums programs, more
+    than an H100's SMs but short of SUMS_PROGRAMS_PER_SM programs per SM), split into the
+    segments ``_sums_segments`` picks (the module's default and 8 per SM), against float64
+    sums: the split that the 32K forward runs."""
+    from models.vq_attention import triton as vq_triton
+
+    if per_sm is not None:
+        monkeypatch.setattr(vq_triton, "SUMS_PROGRAMS_PER_SM", per_sm)
+    length, chunk, window, size, value_dim = 2048, 128, 64, 256, 64
+    spec = vq_triton._Spec(batch_heads=64, heads=8, length=length, dim=64,
+                           value_dim=value_dim, size=size, window=window, chunk=chunk,
+                           attn_fn="softmax", causal=True, mode="past", has_bias=True,
+                           key_grad="window", strategy="auto", cb_per_head=0)
+    assert vq_triton._sums_segments(spec, spec.n_chunks, torch.device("cuda")) > 1
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    v = torch.randn(64, length, value_dim, generator=gen, device="cuda")
+    codes = torch.randint(0, size, (64, length), generator=gen, device="cuda",
+                          dtype=torch.int32)
+    result = vq_triton._code_cache(spec, v, codes, torch.float32)
+    errors = _cache_errors(_cache_reference(v, codes, size, chunk, window, "past"), result)
+    assert errors["u"] < 1e-5 and errors["counts"] == 0.0, errors
+
+
+@requires_triton
+@pytest.mark.parametrize(("programs", "per_sm", "segments"), [
+    (256, 1, 1), (256, 2, 2), (256, 8, 5), (16, 2, 17), (2000, 2, 1)])
+def test_walks_split_until_per_sm_programs_per_sm(monkeypatch, programs, per_sm, segments):
+    """``_fill_segments`` on a 132-SM GPU: split until ``per_sm`` programs a SM (one program per
+    SM does not hide a latency-bound walk), never past n_units."""
+    from models.vq_attention import triton as vq_triton
+
+    monkeypatch.setattr(vq_triton, "_sms", lambda device: 132)
+    assert vq_triton._fill_segments(programs, 256, per_sm, torch.device("cpu")) == segments
+    assert vq_triton._fill_segments(programs, 3, per_sm, torch.device("cpu")) == min(3, segments)
 
 
 @requires_triton

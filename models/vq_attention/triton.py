@@ -1207,10 +1207,12 @@ def _sms(device: torch.device) -> int:
 
 def _fill_segments(programs: int, n_units: int, per_sm: int, device: torch.device) -> int:
     """How many segments to split each of ``programs`` sequential walks over ``n_units`` into:
-    1 when the programs already fill the GPU (a totals pass would only add work), else enough
-    for ``per_sm`` programs per SM; at most n_units."""
+    enough for ``per_sm`` programs per SM, 1 when the programs already reach that (a totals
+    pass would only add work); at most n_units. The walks are latency-bound (session 19: the
+    32K cache sums took as long with half the entries, chunk 256), so one program per SM is
+    not yet full."""
     sms = _sms(device)
-    if programs >= sms:
+    if programs >= per_sm * sms:
         return 1
     return max(1, min(n_units, triton.cdiv(per_sm * sms, programs)))
 

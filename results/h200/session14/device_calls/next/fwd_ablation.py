@@ -49,10 +49,15 @@ VARIANTS = {
     "sdpa-causal-32k": {"sdpa": (8, 8, 32768, True)},  # the issue's opponent, same queries
     "fwd+bwd": {"backward": True},
     # session 18: the sums kernels use ~60 registers fewer, so more of their programs fit an SM;
-    # their loop is latency-bound: split the walk into more segments (SUMS_PROGRAMS_PER_SM, 2
-    # by default, gives one segment at B H = 64), autotuned afresh
+    # their loop is latency-bound: split the walk into more segments (SUMS_PROGRAMS_PER_SM),
+    # autotuned afresh. Session 19: call51 showed sums4/sums8 ran one segment as base did (256
+    # programs >= the SMs stopped the split); the split now aims for SUMS_PROGRAMS_PER_SM
+    # programs per SM, and sums1 is session 18's one segment at B H = 64
+    "sums1": {"sums_per_sm": 1},
+    "sums2": {"sums_per_sm": 2},
     "sums4": {"sums_per_sm": 4},
     "sums8": {"sums_per_sm": 8},
+    "sums16": {"sums_per_sm": 16},
 }
 
 
