@@ -513,39 +513,12 @@ def test_cuda_matches_naive(one_config, attn_fn, causal, dtype, shape):
 
 
 @requires_triton
-@requires_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("per_sm", [None, 8])
-def test_cuda_causal_cache_split_to_fill_sms(one_config, monkeypatch, per_sm):
-    """The causal code cache at #9's B H = 64, S = 256, Dv = 64 (4 x 64 sums programs, more
-    than an H100's SMs but short of SUMS_PROGRAMS_PER_SM programs per SM), split into the
-    segments ``_sums_segments`` picks (the module's default and 8 per SM), against float64
-    sums: the split that the 32K forward runs."""
-    from models.vq_attention import triton as vq_triton
-
-    if per_sm is not None:
-        monkeypatch.setattr(vq_triton, "SUMS_PROGRAMS_PER_SM", per_sm)
-    length, chunk, window, size, value_dim = 2048, 128, 64, 256, 64
-    spec = vq_triton._Spec(batch_heads=64, heads=8, length=length, dim=64,
-                           value_dim=value_dim, size=size, window=window, chunk=chunk,
-                           attn_fn="softmax", causal=True, mode="past", has_bias=True,
-                           key_grad="window", strategy="auto", cb_per_head=0)
-    assert vq_triton._sums_segments(spec, spec.n_chunks, torch.device("cuda")) > 1
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    v = torch.randn(64, length, value_dim, generator=gen, device="cuda")
-    codes = torch.randint(0, size, (64, length), generator=gen, device="cuda",
-                          dtype=torch.int32)
-    result = vq_triton._code_cache(spec, v, codes, torch.float32)
-    errors = _cache_errors(_cache_reference(v, codes, size, chunk, window, "past"), result)
-    assert errors["u"] < 1e-5 and errors["counts"] == 0.0, errors
-
-
-@requires_triton
 @pytest.mark.parametrize(("programs", "per_sm", "segments"), [
-    (256, 1, 1), (256, 2, 2), (256, 8, 5), (16, 2, 17), (2000, 2, 1)])
-def test_walks_split_until_per_sm_programs_per_sm(monkeypatch, programs, per_sm, segments):
-    """``_fill_segments`` on a 132-SM GPU: split until ``per_sm`` programs a SM (one program per
-    SM does not hide a latency-bound walk), never past n_units."""
+    (256, 1, 1), (256, 8, 1), (131, 2, 3), (16, 2, 17), (16, 8, 66)])
+def test_walks_split_only_below_one_program_per_sm(monkeypatch, programs, per_sm, segments):
+    """``_fill_segments`` on a 132-SM GPU: programs that fill the SMs walk in one segment
+    (splitting on was slower, session 19); fewer are split to ``per_sm`` programs per SM, never
+    past n_units."""
     from models.vq_attention import triton as vq_triton
 
     monkeypatch.setattr(vq_triton, "_sms", lambda device: 132)

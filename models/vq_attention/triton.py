@@ -1207,12 +1207,12 @@ def _sms(device: torch.device) -> int:
 
 def _fill_segments(programs: int, n_units: int, per_sm: int, device: torch.device) -> int:
     """How many segments to split each of ``programs`` sequential walks over ``n_units`` into:
-    enough for ``per_sm`` programs per SM, 1 when the programs already reach that (a totals
-    pass would only add work); at most n_units. The walks are latency-bound (session 19: the
-    32K cache sums took as long with half the entries, chunk 256), so one program per SM is
-    not yet full."""
+    1 when the programs already fill the GPU (a totals pass would only add work), else enough
+    for ``per_sm`` programs per SM; at most n_units. Splitting on until ``per_sm`` programs per
+    SM was slower for the 32K cache sums (B H = 64: 256 programs on 132 SMs; 1.84 -> 2.09-2.13
+    ms forward, the totals pass 0.29 ms and the walk no faster: results/h100/session19/)."""
     sms = _sms(device)
-    if programs >= per_sm * sms:
+    if programs >= sms:
         return 1
     return max(1, min(n_units, triton.cdiv(per_sm * sms, programs)))
 
