@@ -3,28 +3,33 @@
 # tl.histogram instead of a second one-hot dot against a tile of ones. call52 showed the sums
 # kernel bound by its one-hot dots (0.44 ms at 32K whatever its entries and programs per SM);
 # compiled for sm_90a on CPU the patch halves its HGMMA instructions (16 -> 8 in the autotuned
-# config) and uses 20 registers fewer (results/cpu-triton-sm90/histogram/). In a copy with the
-# patch: 1. every VQ-attention GPU test; 2. fwd_ablation at 32K as is and patched, same machine;
-# 3. the Triton rows of #9's table, patched. Land the patch if its tests pass and it is faster.
-# TOTAL (s, default 330) caps the call.
-TOTAL_DEFAULT=330
+# config) and uses 20 registers fewer (results/cpu-triton-sm90/histogram/). sums_configs.patch
+# (on top of it): two more sums configs, key tiles of 128 with 128 or all 256 codes on 8 warps
+# (v read 2x or once; no spill on sm_90a with the histogram). 1. every VQ-attention GPU test in
+# a copy with both patches (every config, the new ones included); 2. fwd_ablation at 32K as is,
+# with the histogram, with both, same machine; 3. the Triton rows of #9's table with both.
+# Land each patch whose tests pass and that is faster.
+# TOTAL (s, default 360) caps the call.
+TOTAL_DEFAULT=360
 source .gpu-runs/common.sh
-rm -rf /tmp/bh && cp -r . /tmp/bh && (cd /tmp/bh && patch -p1 < .gpu-runs/counts_histogram.patch > $W/patch_bh.log 2>&1)
-cd /tmp/bh
-python -m pytest --collect-only -q -m gpu tests/test_vq_attention_triton.py 2>/dev/null | grep '::' > $W/gpu_tests.txt
+rm -rf /tmp/bh /tmp/bc && cp -r . /tmp/bh && (cd /tmp/bh && patch -p1 < .gpu-runs/counts_histogram.patch > $W/patch_bh.log 2>&1)
+cp -r /tmp/bh /tmp/bc && (cd /tmp/bc && patch -p1 < .gpu-runs/sums_configs.patch > $W/patch_bc.log 2>&1)
+cd /tmp/bc
+PYTHONPATH=/tmp/bc python -m pytest --collect-only -q -m gpu tests/test_vq_attention_triton.py 2>/dev/null | grep '::' > $W/gpu_tests.txt
 for i in 0 1 2 3 4 5; do awk -v i=$i 'NR%6==i' $W/gpu_tests.txt > $W/shard$i.txt; done
 s=$(date +%s)
 for i in 0 1 2 3 4 5; do
-  PYTHONPATH=/tmp/bh LONGVQ_TRITON_AUTOTUNE=0 timeout -k 5 $(cap 130) python -c "import sys, pytest; sys.exit(pytest.main(['-q', '-rfs', '-p', 'no:cacheprovider', '--durations=5'] + open(sys.argv[1]).read().splitlines()))" $W/shard$i.txt > $W/pytest_shard$i.log 2>&1 &
+  PYTHONPATH=/tmp/bc LONGVQ_TRITON_AUTOTUNE=0 timeout -k 5 $(cap 130) python -c "import sys, pytest; sys.exit(pytest.main(['-q', '-rfs', '-p', 'no:cacheprovider', '--durations=5'] + open(sys.argv[1]).read().splitlines()))" $W/shard$i.txt > $W/pytest_shard$i.log 2>&1 &
 done
 wait
-echo "$(( $(date +%s)-s )) s: gpu tests, patched ($(wc -l < $W/gpu_tests.txt) ids)" >> $W/times.txt
+echo "$(( $(date +%s)-s )) s: gpu tests, both patches ($(wc -l < $W/gpu_tests.txt) ids)" >> $W/times.txt
 for i in 0 1 2 3 4 5; do echo "shard$i: $(grep -E '[0-9]+ (passed|failed|error)' $W/pytest_shard$i.log | tail -1)"; done > $W/pytest_summary.txt
 grep -h -E '^(FAILED|ERROR)' $W/pytest_shard*.log >> $W/pytest_summary.txt
 cd - > /dev/null
 unset LONGVQ_TRITON_AUTOTUNE
 [ $(left) -ge 40 ] && TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 50) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label as-is --variants base,fwd+bwd > $W/fwd_ablation.log 2>&1
 [ $(left) -ge 40 ] && (cd /tmp/bh && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-counts-histogram" PYTHONPATH=/tmp/bh TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 50) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label counts-histogram --variants base,fwd+bwd > $W/fwd_ablation_hist.log 2>&1)
+[ $(left) -ge 40 ] && (cd /tmp/bc && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-counts-histogram-sums-configs" PYTHONPATH=/tmp/bc TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 50) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label counts-histogram-sums-configs --variants base,fwd+bwd > $W/fwd_ablation_both.log 2>&1)
 KB="python run_bench.py kernels --device cuda --dtype bf16 --causal --batch 8 --heads 8 --dim 64 --codebook-size 256 --window 64 --warmup 2 --repeats 10 --cell-budget 30"
-[ $(left) -ge 40 ] && (cd /tmp/bh && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-counts-histogram" PYTHONPATH=/tmp/bh t timeout -k 5 $(( $(left) - 3 )) $KB --lengths 1k,2k,4k,8k,16k,32k,64k --modes fwd,fwd+bwd --impls triton-window --store $W/kernels.db --out $W/kernels > $W/kernels.log 2>&1)
+[ $(left) -ge 40 ] && (cd /tmp/bc && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-counts-histogram-sums-configs" PYTHONPATH=/tmp/bc t timeout -k 5 $(( $(left) - 3 )) $KB --lengths 1k,2k,4k,8k,16k,32k,64k --modes fwd,fwd+bwd --impls triton-window --store $W/kernels.db --out $W/kernels > $W/kernels.log 2>&1)
 echo "total $(( $(date +%s) - T0 )) s" >> $W/times.txt
