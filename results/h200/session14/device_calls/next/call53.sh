@@ -14,18 +14,7 @@ TOTAL_DEFAULT=360
 source .gpu-runs/common.sh
 rm -rf /tmp/bh /tmp/bc && cp -r . /tmp/bh && (cd /tmp/bh && patch -p1 < .gpu-runs/counts_histogram.patch > $W/patch_bh.log 2>&1)
 cp -r /tmp/bh /tmp/bc && (cd /tmp/bc && patch -p1 < .gpu-runs/sums_configs.patch > $W/patch_bc.log 2>&1)
-cd /tmp/bc
-PYTHONPATH=/tmp/bc python -m pytest --collect-only -q -m gpu tests/test_vq_attention_triton.py 2>/dev/null | grep '::' > $W/gpu_tests.txt
-for i in 0 1 2 3 4 5; do awk -v i=$i 'NR%6==i' $W/gpu_tests.txt > $W/shard$i.txt; done
-s=$(date +%s)
-for i in 0 1 2 3 4 5; do
-  PYTHONPATH=/tmp/bc LONGVQ_TRITON_AUTOTUNE=0 timeout -k 5 $(cap 130) python -c "import sys, pytest; sys.exit(pytest.main(['-q', '-rfs', '-p', 'no:cacheprovider', '--durations=5'] + open(sys.argv[1]).read().splitlines()))" $W/shard$i.txt > $W/pytest_shard$i.log 2>&1 &
-done
-wait
-echo "$(( $(date +%s)-s )) s: gpu tests, both patches ($(wc -l < $W/gpu_tests.txt) ids)" >> $W/times.txt
-for i in 0 1 2 3 4 5; do echo "shard$i: $(grep -E '[0-9]+ (passed|failed|error)' $W/pytest_shard$i.log | tail -1)"; done > $W/pytest_summary.txt
-grep -h -E '^(FAILED|ERROR)' $W/pytest_shard*.log >> $W/pytest_summary.txt
-cd - > /dev/null
+gpu_tests /tmp/bc $(cap 130)
 unset LONGVQ_TRITON_AUTOTUNE
 [ $(left) -ge 40 ] && TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 50) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label as-is --variants base,fwd+bwd > $W/fwd_ablation.log 2>&1
 [ $(left) -ge 40 ] && (cd /tmp/bh && LONGVQ_GIT_COMMIT="$(cat .gpu-runs/commit)-counts-histogram" PYTHONPATH=/tmp/bh TRITON_CACHE_AUTOTUNING=0 t timeout -k 5 $(cap 50) python .gpu-runs/fwd_ablation.py --out $W/fwd_ablation --label counts-histogram --variants base,fwd+bwd > $W/fwd_ablation_hist.log 2>&1)
