@@ -170,27 +170,6 @@ def _cache_id(case) -> str:
     return f"cache-{mode}-{segments}" + ("" if chunk == 16 else f"-ch{chunk}")
 
 
-def _cache_reference(v: torch.Tensor, codes: torch.Tensor, size: int, chunk: int, window: int,
-                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 per-code sums (BH, entries, S, Dv) and counts (BH, entries, S) of each entry's
-    keys: j < c CH - W, also j >= (c + 1) CH + W for "far", every key for "all"."""
-    length = codes.shape[1]
-    one_hot = torch.nn.functional.one_hot(codes.long(), size).double()  # (BH, L, S)
-    j = torch.arange(length, device=codes.device)
-    keys = [torch.ones(length, dtype=torch.bool, device=codes.device)] if mode == "all" else [
-        (j < c * chunk - window) | ((j >= (c + 1) * chunk + window) & (mode == "far"))
-        for c in range(-(-length // chunk))]
-    ref_u = torch.stack([torch.einsum("bjs,bjd->bsd", one_hot * m[:, None], v.double())
-                         for m in keys], 1)
-    ref_n = torch.stack([(one_hot * m[:, None]).sum(1) for m in keys], 1)
-    return ref_u, ref_n
-
-
-def _cache_errors(reference, result) -> dict[str, float]:
-    return {name: ((ref - x.double()).norm() / ref.norm()).item()
-            for name, ref, x in zip(("u", "counts"), reference, result, strict=True)}
-
-
 def _cache_case(_fn, case) -> dict[str, float]:
     """``_code_cache`` vs per-code sums in float64 over each entry's keys (j < c CH - W, also
     j >= (c + 1) CH + W for "far", every key for "all"). "far" subtracts the band from the
@@ -207,8 +186,16 @@ def _cache_case(_fn, case) -> dict[str, float]:
                  mode=mode, has_bias=True, key_grad="window", strategy="auto",
                  cb_per_head=0)
     u, counts = _code_cache(spec, v, codes, torch.float32, segments=segments)
-    ref_u, ref_n = _cache_reference(v, codes, size, chunk, window, mode)
-    errors = _cache_errors((ref_u, ref_n), (u, counts))
+    one_hot = torch.nn.functional.one_hot(codes.long(), size).double()  # (BH, L, S)
+    j = torch.arange(length)
+    keys = [torch.ones(length, dtype=torch.bool)] if mode == "all" else [
+        (j < c * chunk - window) | ((j >= (c + 1) * chunk + window) & (mode == "far"))
+        for c in range(-(-length // chunk))]
+    ref_u = torch.stack([torch.einsum("bjs,bjd->bsd", one_hot * m[:, None], v.double())
+                         for m in keys], 1)
+    ref_n = torch.stack([(one_hot * m[:, None]).sum(1) for m in keys], 1)
+    errors = {name: ((ref - x.double()).norm() / ref.norm()).item()
+              for name, ref, x in (("u", ref_u, u), ("counts", ref_n, counts))}
     absent = ref_n == 0
     assert mode == "all" or bool(absent.any()), "the case must hold codes absent from an entry"
     errors["absent"] = u[absent].abs().max().item() if absent.any() else 0.0
