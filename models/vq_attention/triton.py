@@ -217,15 +217,21 @@ def _code_span(bh, c, n_cache, S, MODE: tl.constexpr):
 
 
 @triton.jit
-def _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr,
-                 BLOCK_S: tl.constexpr):
-    """Codes [s0, s0 + BLOCK_S): their indices, mask, vectors and the logits s_i q_i . c_s."""
+def _code_dots(q, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Codes [s0, s0 + BLOCK_S): their indices, mask, vectors and the dots q_i . c_s."""
     offs_s = s0 + tl.arange(0, BLOCK_S)
     s_ok = offs_s < S
     cb = tl.load(cb_base + offs_s[:, None] * D + offs_d[None, :],
                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    logit = tl.dot(q, tl.trans(cb), input_precision=PREC) * scale[:, None]
-    return offs_s, s_ok, cb, logit
+    return offs_s, s_ok, cb, tl.dot(q, tl.trans(cb), input_precision=PREC)
+
+
+@triton.jit
+def _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """``_code_dots`` with the logits s_i q_i . c_s instead of the dots."""
+    offs_s, s_ok, cb, qc = _code_dots(q, cb_base, s0, S, D, offs_d, d_ok, PREC, BLOCK_S)
+    return offs_s, s_ok, cb, qc * scale[:, None]
 
 
 @triton.jit
@@ -535,22 +541,25 @@ def _fwd_kernel(
     entry, s_end = _code_span(bh, c, n_cache, S, MODE)
     cb_base = CB + (bh % H) * cb_per_head * S * D  # D a constexpr: aligned, so pipelined
     for s0 in range(0, s_end, BLOCK_S):
-        offs_s, s_ok, cb, logit = _code_logits(q, scale, cb_base, s0, S, D, offs_d, d_ok, PREC,
-                                               BLOCK_S)
+        offs_s, s_ok, cb, qc = _code_dots(q, cb_base, s0, S, D, offs_d, d_ok, PREC, BLOCK_S)
         u = tl.load(U + (entry * S + offs_s[:, None]) * DV + offs_e[None, :],
                     mask=s_ok[:, None] & e_ok[None, :], other=0.0)
         if IS_SOFTMAX:
             cnt = tl.load(CNT + entry * S + offs_s, mask=s_ok, other=0.0)
-            logit = tl.where(cnt[None, :] > 0, logit, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logit, axis=1))
+            qc = tl.where(cnt[None, :] > 0, qc, float("-inf"))
+            # the scale (> 0) applied to the row maxima, and inside the exponent: one fused
+            # multiply-add an element (s_i qc - m_i) where scaled logits took a multiply and a
+            # subtraction (sm_90a: 30 FMUL and 32 FADD fewer; no time change measurable at
+            # #9's shape on an H100, call56)
+            m_new = tl.maximum(m_i, tl.max(qc, axis=1) * scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(logit - m_safe[:, None])
+            p = tl.exp2(qc * scale[:, None] - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p * cnt[None, :], axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(u.dtype), u, input_precision=PREC)
             m_i = m_new
         else:  # absent codes and padded slots have u = 0
-            acc += tl.dot(_phi(logit).to(u.dtype), u, input_precision=PREC)
+            acc += tl.dot(_phi(qc * scale[:, None]).to(u.dtype), u, input_precision=PREC)
 
     # band part: exact keys
     if MODE != 2:
@@ -988,8 +997,17 @@ CONFIGS: dict[str, list[triton.Config]] = {
                      # x 32 above: 254, 2) and half the causal band's masked pairs. At 32K on an
                      # H100: 1.19 and 1.10 ms against 1.32 (results/h100/session20/call54/)
                      {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 32},
-                     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64}],
-                    [4, 8, 4, 4, 8, 8, 8, 4, 4, 4], [2, 2, 2, 3, 2, 3, 2, 3, 3, 3]),
+                     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64},
+                     # variants of it (2 and 4 stages, 16-key band tiles, 128 codes a tile):
+                     # the two above tie within run-to-run noise (1.10-1.19 ms each at 32K, the
+                     # autotuner's pick flipped between H100 runs); with these the forward
+                     # measured 1.548 ms in #9's table (results/h100/session20/call56/)
+                     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64},
+                     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 64},
+                     {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_S": 64},
+                     {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_S": 128}],
+                    [4, 8, 4, 4, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4],
+                    [2, 2, 2, 3, 2, 3, 2, 3, 3, 3, 2, 4, 3, 3]),
     "grad_sums": _configs([{"BLOCK_M": 64, "BLOCK_S": 64}, {"BLOCK_M": 128, "BLOCK_S": 64},
                            {"BLOCK_M": 64, "BLOCK_S": 128}, {"BLOCK_M": 64, "BLOCK_S": 256}],
                           [4, 8, 8, 8], [2, 2, 2, 2]),
