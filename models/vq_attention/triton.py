@@ -1065,8 +1065,8 @@ _TUNE_KEYS = {
 # The autotuner runs each config several times: kernels that accumulate get their output reset
 # (dq: d(bias) rows from zero) or restored (dk_far: adds to the band part of dk).
 _RESTORE = {"dk_far": ["DK"]}
-# Timing each config for 5 + 40 ms instead of Triton's 25 + 100: a tuning is 8 configs of up
-# to 8 kernels, redone at every new key (each length of a sweep: ~5 s a LongVQ cell on an H100,
+# Timing each config for 5 + 40 ms instead of Triton's 25 + 100: a tuning is 3-14 configs of
+# up to 8 kernels, redone at every new key (each length of a sweep: ~5 s a LongVQ cell on an H100,
 # results/h100/session18/); 40 ms is still 8 runs of a 5 ms kernel (the 32K ones take 0.4-2.4).
 TUNE_WARMUP_MS, TUNE_REP_MS = 5, 40
 
